@@ -1,0 +1,168 @@
+// Package natsserver runs a NATS server with JetStream inside the keystone-fanout
+// process: the default when no NATS URL is given, and the server every test uses.
+package natsserver
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+)
+
+// Options configures an embedded server.
+type Options struct {
+	// Listen is the client address, "host:port". Port -1 or 0 picks a free port.
+	// Default "127.0.0.1:4222".
+	Listen string
+	// DataDir is where JetStream keeps its file storage. Required: an embedded
+	// server without it would lose the stream on restart.
+	DataDir string
+	// ServerName names the server in logs and cluster membership. Default
+	// "keystone-fanout".
+	ServerName string
+	// Cluster, when not empty, is this node's cluster listen address
+	// ("host:port") and Routes lists the other nodes' cluster URLs
+	// ("nats://host:port"). ClusterName defaults to "keystone-fanout".
+	Cluster     string
+	ClusterName string
+	Routes      []string
+	// ReadyTimeout bounds how long Start waits for the server to accept clients.
+	// Default 10 s.
+	ReadyTimeout time.Duration
+}
+
+// Server is a running embedded server.
+type Server struct {
+	srv  *server.Server
+	opts Options
+}
+
+func (o *Options) setDefaults() {
+	if o.Listen == "" {
+		o.Listen = "127.0.0.1:4222"
+	}
+	if o.ServerName == "" {
+		o.ServerName = "keystone-fanout"
+	}
+	if o.ClusterName == "" {
+		o.ClusterName = "keystone-fanout"
+	}
+	if o.ReadyTimeout <= 0 {
+		o.ReadyTimeout = 10 * time.Second
+	}
+}
+
+// Validate checks the options without starting anything.
+func (o Options) Validate() error {
+	o.setDefaults()
+	if _, _, err := splitHostPort(o.Listen); err != nil {
+		return fmt.Errorf("--nats-listen %q: %w (want host:port, for example 127.0.0.1:4222)", o.Listen, err)
+	}
+	if o.DataDir == "" {
+		return errors.New("--data-dir is required for the embedded NATS server: JetStream keeps the stream there")
+	}
+	if o.Cluster != "" {
+		if _, _, err := splitHostPort(o.Cluster); err != nil {
+			return fmt.Errorf("cluster address %q: %w", o.Cluster, err)
+		}
+	}
+	return nil
+}
+
+func splitHostPort(addr string) (string, int, error) {
+	host, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil || port < -1 || port > 65535 {
+		return "", 0, fmt.Errorf("port %q is not a number from -1 to 65535", p)
+	}
+	if port == 0 {
+		port = -1 // the server's "random port"
+	}
+	return host, port, nil
+}
+
+// Start starts the server and waits until it accepts client connections.
+func Start(o Options) (*Server, error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
+	o.setDefaults()
+	host, port, _ := splitHostPort(o.Listen)
+	so := &server.Options{
+		ServerName: o.ServerName,
+		Host:       host,
+		Port:       port,
+		JetStream:  true,
+		StoreDir:   o.DataDir,
+		NoSigs:     true,
+		NoLog:      true,
+	}
+	if o.Cluster != "" {
+		chost, cport, _ := splitHostPort(o.Cluster)
+		so.Cluster = server.ClusterOpts{Name: o.ClusterName, Host: chost, Port: cport}
+		so.Routes = server.RoutesFromStr(strings.Join(o.Routes, ","))
+	}
+	srv, err := server.NewServer(so)
+	if err != nil {
+		return nil, fmt.Errorf("embedded NATS server: %w", err)
+	}
+	go srv.Start()
+	if !srv.ReadyForConnections(o.ReadyTimeout) {
+		srv.Shutdown()
+		return nil, fmt.Errorf("embedded NATS server did not accept connections on %s within %s", o.Listen, o.ReadyTimeout)
+	}
+	return &Server{srv: srv, opts: o}, nil
+}
+
+// ClientURL is the URL clients connect to, with the port actually bound.
+func (s *Server) ClientURL() string { return s.srv.ClientURL() }
+
+// Addr is the bound client address, "host:port".
+func (s *Server) Addr() string {
+	if a, ok := s.srv.Addr().(*net.TCPAddr); ok {
+		return a.String()
+	}
+	return s.opts.Listen
+}
+
+// ClusterAddr is the bound cluster address, "host:port", or "" without a cluster.
+func (s *Server) ClusterAddr() string {
+	if a := s.srv.ClusterAddr(); a != nil {
+		return a.String()
+	}
+	return ""
+}
+
+// Options returns the options the server was started with, with defaults applied.
+func (s *Server) Options() Options { return s.opts }
+
+// Underlying returns the nats-server value, for tests that need more.
+func (s *Server) Underlying() *server.Server { return s.srv }
+
+// Shutdown stops the server and waits for it to be gone. Safe to call twice.
+func (s *Server) Shutdown() {
+	s.srv.Shutdown()
+	s.srv.WaitForShutdown()
+}
+
+// Restart stops the server and starts a new one on the same address and data
+// directory, as an operator restarting it would. The stream survives.
+func (s *Server) Restart() error {
+	addr := s.Addr()
+	s.Shutdown()
+	o := s.opts
+	o.Listen = addr
+	ns, err := Start(o)
+	if err != nil {
+		return err
+	}
+	*s = *ns
+	return nil
+}
