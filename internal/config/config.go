@@ -1,0 +1,192 @@
+// Package config reads a subcommand's settings from flags, then from the
+// environment, then from defaults, the same way for every subcommand:
+//
+//   - every flag --some-name may also be given as KEYSTONE_FANOUT_SOME_NAME;
+//     a flag on the command line wins over the environment;
+//   - a secret flag --x also has --x-file (KEYSTONE_FANOUT_X_FILE): the secret is
+//     read from that file, trailing newlines removed, so that it never has to be
+//     on a command line or in the environment;
+//   - repeatable flags accept several occurrences and comma-separated values.
+package config
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"time"
+)
+
+// EnvPrefix is prepended to a flag's upper-cased name to form its variable.
+const EnvPrefix = "KEYSTONE_FANOUT_"
+
+// EnvName is the environment variable that sets flag name.
+func EnvName(name string) string {
+	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
+}
+
+// Set is a subcommand's flags.
+type Set struct {
+	fs      *flag.FlagSet
+	secrets map[string]*string // flag name -> its value, read from name-file when given
+	files   map[string]*string
+	lists   map[string]*List
+}
+
+// New returns an empty Set for the subcommand name; usage is printed above the
+// flag list by --help.
+func New(name, usage string, out io.Writer) *Set {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(out)
+	s := &Set{fs: fs, secrets: map[string]*string{}, files: map[string]*string{}, lists: map[string]*List{}}
+	fs.Usage = func() {
+		fmt.Fprintf(out, "%s\n\nFlags (each also from the environment as %s<FLAG>, for example %s):\n",
+			strings.TrimSpace(usage), EnvPrefix, EnvName("http-addr"))
+		fs.PrintDefaults()
+	}
+	return s
+}
+
+// String registers a string flag.
+func (s *Set) String(p *string, name, def, usage string) { s.fs.StringVar(p, name, def, usage) }
+
+// Bool registers a boolean flag.
+func (s *Set) Bool(p *bool, name string, def bool, usage string) { s.fs.BoolVar(p, name, def, usage) }
+
+// Int registers an integer flag.
+func (s *Set) Int(p *int, name string, def int, usage string) { s.fs.IntVar(p, name, def, usage) }
+
+// Duration registers a duration flag ("2s", "24h").
+func (s *Set) Duration(p *time.Duration, name string, def time.Duration, usage string) {
+	s.fs.DurationVar(p, name, def, usage)
+}
+
+// Secret registers a secret string flag and its --name-file twin.
+func (s *Set) Secret(p *string, name, usage string) {
+	s.fs.StringVar(p, name, "", usage+" (prefer --"+name+"-file)")
+	f := new(string)
+	s.fs.StringVar(f, name+"-file", "", "file holding --"+name)
+	s.secrets[name] = p
+	s.files[name] = f
+}
+
+// List registers a repeatable flag; def is used when the flag is given
+// neither on the command line nor in the environment.
+func (s *Set) List(p *[]string, name string, def []string, usage string) {
+	l := &List{target: p, def: def}
+	*p = append([]string(nil), def...)
+	s.fs.Var(l, name, usage+" (repeatable, or comma-separated)")
+	s.lists[name] = l
+}
+
+// Parse parses args, then fills every flag not given on the command line from
+// its environment variable, then reads secret files. flag.ErrHelp is returned
+// as is after printing usage.
+func (s *Set) Parse(args []string, getenv func(string) string) error {
+	if err := s.fs.Parse(args); err != nil {
+		return err
+	}
+	if s.fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q: every setting is a --flag", s.fs.Arg(0))
+	}
+	given := map[string]bool{}
+	s.fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var errs []error
+	s.fs.VisitAll(func(f *flag.Flag) {
+		if given[f.Name] {
+			return
+		}
+		v, ok := lookup(getenv, EnvName(f.Name))
+		if !ok {
+			return
+		}
+		if l, isList := s.lists[f.Name]; isList {
+			l.reset()
+		}
+		if err := s.fs.Set(f.Name, v); err != nil {
+			errs = append(errs, fmt.Errorf("%s=%q: %w", EnvName(f.Name), v, err))
+		}
+	})
+	names := make([]string, 0, len(s.files))
+	for n := range s.files {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		file := *s.files[name]
+		if file == "" {
+			continue
+		}
+		if *s.secrets[name] != "" {
+			errs = append(errs, fmt.Errorf("--%s and --%s-file are both set: give one", name, name))
+			continue
+		}
+		b, err := os.ReadFile(file)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--%s-file: %w", name, err))
+			continue
+		}
+		*s.secrets[name] = strings.TrimRight(string(b), "\r\n")
+	}
+	return errors.Join(errs...)
+}
+
+func lookup(getenv func(string) string, name string) (string, bool) {
+	if getenv == nil {
+		return os.LookupEnv(name)
+	}
+	v := getenv(name)
+	return v, v != ""
+}
+
+// List is a repeatable, comma-separated string flag.
+type List struct {
+	target *[]string
+	def    []string
+	set    bool
+}
+
+func (l *List) reset() { l.set = false }
+
+// String implements flag.Value.
+func (l *List) String() string {
+	if l == nil || l.target == nil {
+		return ""
+	}
+	return strings.Join(*l.target, ",")
+}
+
+// Set implements flag.Value: the first Set replaces the default, later ones append.
+func (l *List) Set(v string) error {
+	if !l.set {
+		*l.target = nil
+		l.set = true
+	}
+	for _, part := range splitList(v) {
+		*l.target = append(*l.target, part)
+	}
+	return nil
+}
+
+// splitList splits on commas, except inside an AMQP transport URL's host list
+// that follows "rabbit://", which is itself comma-separated: a value starting
+// with rabbit:// is kept whole.
+func splitList(v string) []string {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return nil
+	}
+	if strings.HasPrefix(v, "rabbit://") || strings.HasPrefix(v, "kombu+") {
+		return []string{v}
+	}
+	var out []string
+	for _, p := range strings.Split(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
