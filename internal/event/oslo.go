@@ -145,44 +145,45 @@ func Decode(body []byte) (Event, error) {
 	if !utf8.Valid(body) {
 		return Event{}, reject(ReasonInvalidUTF8, "", "body is not valid UTF-8")
 	}
-	var outer map[string]json.RawMessage
+	// One pass over the outer object: the envelope's two keys, or the v1
+	// document's fields.
+	var outer struct {
+		Version *json.RawMessage `json:"oslo.version"`
+		Message *json.RawMessage `json:"oslo.message"`
+		notification
+	}
+	if !isObject(body) && string(bytes.TrimSpace(body)) != "null" {
+		var x map[string]json.RawMessage
+		err := json.Unmarshal(body, &x)
+		if err == nil {
+			err = fmt.Errorf("not an object")
+		}
+		return Event{}, reject(ReasonNotJSON, "", "body is not a JSON object: %v", err)
+	}
 	if err := json.Unmarshal(body, &outer); err != nil {
 		return Event{}, reject(ReasonNotJSON, "", "body is not a JSON object: %v", err)
 	}
-	inner := outer
-	rawVersion, enveloped := outer["oslo.version"]
-	rawMsg, hasMsg := outer["oslo.message"]
+	msg := outer.notification
 	switch {
-	case enveloped:
+	case outer.Version != nil:
 		var v string
-		if err := json.Unmarshal(rawVersion, &v); err != nil || v != "2.0" {
-			return Event{}, reject(ReasonUnsupportedVersion, "", "oslo.version is %s, want \"2.0\"", truncate(rawVersion))
+		if err := json.Unmarshal(*outer.Version, &v); err != nil || v != "2.0" {
+			return Event{}, reject(ReasonUnsupportedVersion, "", "oslo.version is %s, want \"2.0\"", truncate(*outer.Version))
 		}
-		if !hasMsg {
+		if outer.Message == nil {
 			return Event{}, reject(ReasonBadEnvelope, "", "envelope has no oslo.message")
 		}
 		var s string
-		if err := json.Unmarshal(rawMsg, &s); err != nil {
+		if err := json.Unmarshal(*outer.Message, &s); err != nil {
 			return Event{}, reject(ReasonBadEnvelope, "", "oslo.message is not a JSON string")
 		}
-		inner = nil
-		if err := json.Unmarshal([]byte(s), &inner); err != nil || inner == nil {
+		msg = notification{}
+		if !isObject([]byte(s)) || json.Unmarshal([]byte(s), &msg) != nil {
 			return Event{}, reject(ReasonBadEnvelope, "", "oslo.message does not hold a JSON object")
 		}
-	case hasMsg:
+	case outer.Message != nil:
 		return Event{}, reject(ReasonBadEnvelope, "", "oslo.message without oslo.version")
 	}
-
-	var msg struct {
-		MessageID any             `json:"message_id"`
-		EventType any             `json:"event_type"`
-		Publisher any             `json:"publisher_id"`
-		Timestamp any             `json:"timestamp"`
-		Payload   json.RawMessage `json:"payload"`
-	}
-	// Re-marshalling a map of raw messages cannot fail.
-	b, _ := json.Marshal(inner)
-	_ = json.Unmarshal(b, &msg)
 
 	id, _ := msg.MessageID.(string)
 	eventType, _ := msg.EventType.(string)
@@ -202,6 +203,19 @@ func Decode(body []byte) (Event, error) {
 	}
 	normalise(&e, msg.Payload)
 	return e, nil
+}
+
+type notification struct {
+	MessageID any             `json:"message_id"`
+	EventType any             `json:"event_type"`
+	Publisher any             `json:"publisher_id"`
+	Timestamp any             `json:"timestamp"`
+	Payload   json.RawMessage `json:"payload"`
+}
+
+func isObject(b []byte) bool {
+	b = bytes.TrimLeft(b, " \t\r\n")
+	return len(b) > 0 && b[0] == '{'
 }
 
 // payload is what normalise reads of a notification payload, in both formats.
@@ -228,8 +242,7 @@ type payload struct {
 
 func normalise(e *Event, raw json.RawMessage) {
 	var p payload
-	dec := json.NewDecoder(bytes.NewReader(raw))
-	if len(raw) == 0 || dec.Decode(&p) != nil {
+	if len(raw) == 0 || json.Unmarshal(raw, &p) != nil {
 		p = payload{}
 	}
 	e.Format = "basic"
