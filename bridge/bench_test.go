@@ -1,0 +1,248 @@
+package bridge
+
+import (
+	"context"
+	"encoding/json"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/fixtures"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// realisticBodies returns n bodies made from the token-affecting fixtures
+// (basic and CADF, as captured), each with a fresh message_id.
+func realisticBodies(tb testing.TB, n int) [][]byte {
+	tb.Helper()
+	all, err := fixtures.All()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var templates []map[string]any
+	for _, f := range all {
+		if !tokenAffecting(f.Meta.EventType) {
+			continue
+		}
+		var env map[string]string
+		if err := json.Unmarshal(f.Body, &env); err != nil {
+			tb.Fatal(err)
+		}
+		var inner map[string]any
+		if err := json.Unmarshal([]byte(env["oslo.message"]), &inner); err != nil {
+			tb.Fatal(err)
+		}
+		templates = append(templates, inner)
+	}
+	out := make([][]byte, n)
+	for i := range out {
+		inner := templates[i%len(templates)]
+		inner["message_id"] = newUUID()
+		b, _ := json.Marshal(inner)
+		out[i], _ = json.Marshal(map[string]string{"oslo.version": "2.0", "oslo.message": string(b)})
+	}
+	return out
+}
+
+// fillQueue declares a quorum queue and publishes bodies to it through the
+// default exchange, waiting for confirms.
+func fillQueue(tb testing.TB, r *rig, queue string, bodies [][]byte) {
+	tb.Helper()
+	ch := r.channel()
+	if _, err := ch.QueueDeclare(queue, true, false, false, false, amqp.Table{"x-queue-type": QueueQuorum}); err != nil {
+		tb.Fatal(err)
+	}
+	r.queues = append(r.queues, queue)
+	msgs := make([]message, len(bodies))
+	for i, b := range bodies {
+		msgs[i] = keystoneMessage(b)
+	}
+	ex := r.exchange
+	r.exchange = "" // the default exchange routes by queue name
+	for i := range msgs {
+		msgs[i].routingKey = queue
+	}
+	r.publish(msgs...)
+	r.exchange = ex
+	waitFor(tb, time.Minute, "the queue to be filled", func() (bool, string) {
+		m, _ := r.queueDepth(queue)
+		return m == len(bodies), "not yet"
+	})
+}
+
+// rawConsume is the baseline: consume n messages with the bridge's prefetch
+// and ack each one by one, nothing else. It returns the elapsed time and the
+// process CPU time used, connection set-up included (as for the bridge).
+func rawConsume(tb testing.TB, queue string, n, prefetch int) (elapsed, cpu time.Duration) {
+	tb.Helper()
+	start, cpu0 := time.Now(), cpuNow()
+	conn, err := amqp.Dial(testAMQPURL())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := ch.Qos(prefetch, 0, false); err != nil {
+		tb.Fatal(err)
+	}
+	deliveries, err := ch.Consume(queue, "", false, false, false, false, nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for i := 0; i < n; i++ {
+		d, ok := <-deliveries
+		if !ok {
+			tb.Fatalf("deliveries ended after %d of %d", i, n)
+		}
+		if err := d.Ack(false); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return time.Since(start), cpuNow() - cpu0
+}
+
+// BenchmarkBridgeThroughput measures the bridge's sustained rate (decode,
+// publish to JetStream on the embedded server, ack after PubAck) against a
+// raw amqp091-go consume-and-ack loop on the same broker, both draining a
+// pre-filled quorum queue of b.N realistic notifications. Run it with a
+// fixed count, for example -benchtime=20000x.
+func BenchmarkBridgeThroughput(b *testing.B) {
+	n := b.N
+	r := newRig(b)
+	env := startNATS(b)
+	o := r.options()
+	bodies := realisticBodies(b, n)
+
+	b.StopTimer()
+	rawQueue := r.queue + "-raw"
+	fillQueue(b, r, rawQueue, bodies)
+	b.StartTimer()
+	rawElapsed, rawCPU := rawConsume(b, rawQueue, n, DefaultPrefetch)
+	b.StopTimer()
+
+	bodies = realisticBodies(b, n) // fresh ids
+	fillQueue(b, r, r.queue, bodies)
+	reg := prometheus.NewRegistry()
+	br, err := New(o, env.nc, reg, testLogger(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	b.StartTimer()
+	start, cpu0 := time.Now(), cpuNow()
+	go func() { done <- br.Run(ctx) }()
+	deadline := time.Now().Add(5 * time.Minute)
+	for testutil.ToFloat64(br.m.published)+testutil.ToFloat64(br.m.duplicates) < float64(n) {
+		if time.Now().After(deadline) {
+			b.Fatalf("bridge published %v of %d in 5 minutes", testutil.ToFloat64(br.m.published), n)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	bridgeElapsed, bridgeCPU := time.Since(start), cpuNow()-cpu0
+	b.StopTimer()
+	cancel()
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+	if got := env.streamCount(r.stream.Name); got != n {
+		b.Fatalf("stream holds %d events, want %d", got, n)
+	}
+
+	raw := float64(n) / rawElapsed.Seconds()
+	bridge := float64(n) / bridgeElapsed.Seconds()
+	b.ReportMetric(raw, "raw_msgs/s")
+	b.ReportMetric(bridge, "bridge_msgs/s")
+	b.ReportMetric(bridge/raw, "ratio")
+	// Process CPU per message (the bridge process also hosts the embedded
+	// NATS server here): what the bridge's own work costs, less sensitive to
+	// other load on the machine than the rates.
+	b.ReportMetric(float64(rawCPU.Microseconds())/float64(n), "raw_cpu_us/msg")
+	b.ReportMetric(float64(bridgeCPU.Microseconds())/float64(n), "bridge_cpu_us/msg")
+}
+
+// cpuNow is the process's user and system CPU time so far.
+func cpuNow() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkDecodeAndMarshal is the bridge's CPU cost per notification that
+// does not depend on the brokers: event.Decode and Event.Marshal of the
+// realistic bodies.
+func BenchmarkDecodeAndMarshal(b *testing.B) {
+	bodies := realisticBodies(b, 1000)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		ev, err := event.Decode(bodies[i%len(bodies)])
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := ev.Marshal(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkJetStreamPublish is the JetStream side alone: async publishes of
+// encoded events with Nats-Msg-Id to the embedded server, with the bridge's
+// window of 256 in-flight publishes, each awaited in order.
+func BenchmarkJetStreamPublish(b *testing.B) {
+	env := startNATS(b)
+	sc := StreamConfig{Name: "BENCH_" + randomSuffix(), SubjectPrefix: "bench"}
+	js, err := jetstream.New(env.nc, jetstream.WithPublishAsyncTimeout(DefaultPubAckTimeout))
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := EnsureStream(context.Background(), js, sc); err != nil {
+		b.Fatal(err)
+	}
+	bodies := realisticBodies(b, b.N)
+	msgs := make([]*nats.Msg, b.N)
+	for i, body := range bodies {
+		ev, err := event.Decode(body)
+		if err != nil {
+			b.Fatal(err)
+		}
+		data, _ := ev.Marshal()
+		msgs[i] = &nats.Msg{Subject: ev.Subject(sc.SubjectPrefix), Data: data,
+			Header: nats.Header{jetstream.MsgIDHeader: []string{ev.ID}}}
+	}
+	slots := make(chan struct{}, DefaultPublishWindow)
+	pending := make(chan jetstream.PubAckFuture, DefaultPublishWindow)
+	done := make(chan struct{})
+	b.ResetTimer()
+	start := time.Now()
+	go func() {
+		defer close(done)
+		for p := range pending {
+			select {
+			case <-p.Ok():
+			case err := <-p.Err():
+				b.Error(err)
+			}
+			<-slots
+		}
+	}()
+	for _, m := range msgs {
+		slots <- struct{}{}
+		p, err := js.PublishMsgAsync(m)
+		if err != nil {
+			b.Fatal(err)
+		}
+		pending <- p
+	}
+	close(pending)
+	<-done
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+}

@@ -1,0 +1,147 @@
+package bridge
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// MetricsPrefix starts the name of every metric of the bridge.
+const MetricsPrefix = "keystone_fanout_bridge_"
+
+// Widen reasons are event.WidenUnknownType, event.WidenMissingIDs and
+// widenDecodeError (the decoder failed unexpectedly on a body); any other
+// value reaching the bridge is counted as widenOther.
+const (
+	widenDecodeError = "decode_error"
+	widenOther       = "other"
+)
+
+// otherType is the filtered_total label of event types outside filteredTypes.
+const otherType = "other"
+
+// filteredTypes are the event types Keystone is known to emit that can be
+// filtered: they are filtered_total's label values, so that a stream of odd
+// event types cannot grow the metric without bound.
+var filteredTypes = func() map[string]bool {
+	m := map[string]bool{"identity.authenticate": true}
+	resources := []string{"user", "group", "project", "domain", "role", "role_assignment", "implied_role",
+		"OS-TRUST:trust", "application_credential", "access_rule", "credential", "region", "endpoint",
+		"endpoint_group", "service", "policy", "limit", "registered_limit", "OS-OAUTH1:consumer",
+		"OS-OAUTH1:request_token", "OS-OAUTH1:access_token", "OS-FEDERATION:identity_provider",
+		"OS-FEDERATION:protocol", "OS-FEDERATION:mapping", "OS-FEDERATION:service_provider",
+		"OS-EP-FILTER:project_endpoint", "OS-EP-FILTER:endpoint_group", "OS-INHERIT:role_assignment"}
+	for _, r := range resources {
+		for _, op := range []string{"created", "updated", "deleted", "disabled"} {
+			m["identity."+r+"."+op] = true
+		}
+	}
+	return m
+}()
+
+type metrics struct {
+	received      prometheus.Counter
+	published     prometheus.Counter
+	duplicates    prometheus.Counter
+	filtered      *prometheus.CounterVec
+	rejected      *prometheus.CounterVec
+	widened       *prometheus.CounterVec
+	publishErrors prometheus.Counter
+	ackErrors     prometheus.Counter
+	reconnects    *prometheus.CounterVec
+	inFlight      prometheus.Gauge
+	latency       prometheus.Histogram
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		received: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: MetricsPrefix + "received_total",
+			Help: "AMQP deliveries received from the bridge's queue, redeliveries included.",
+		}),
+		published: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: MetricsPrefix + "published_total",
+			Help: "Events stored in the JetStream stream (PubAck, not a duplicate) and acked to RabbitMQ.",
+		}),
+		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: MetricsPrefix + "duplicates_total",
+			Help: "Publishes the stream already held (same Nats-Msg-Id): redeliveries or another replica's; acked to RabbitMQ.",
+		}),
+		filtered: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: MetricsPrefix + "filtered_total",
+			Help: "Notifications acked without publishing because their type cannot affect a token, by event type (\"other\" for types outside Keystone's known list).",
+		}, []string{"event_type"}),
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: MetricsPrefix + "rejected_total",
+			Help: "AMQP bodies that are not Keystone notifications, by reason; acked (or dead-lettered) and logged.",
+		}, []string{"reason"}),
+		widened: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: MetricsPrefix + "widened_total",
+			Help: "Notifications published as unbounded (agents flush every token entry), by reason.",
+		}, []string{"reason"}),
+		publishErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: MetricsPrefix + "publish_errors_total",
+			Help: "JetStream publishes that failed or timed out; the delivery was nacked and requeued.",
+		}),
+		ackErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: MetricsPrefix + "ack_errors_total",
+			Help: "AMQP acks or nacks that could not be sent (channel gone); RabbitMQ redelivers those messages and the stream dedupes them.",
+		}),
+		reconnects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: MetricsPrefix + "reconnects_total",
+			Help: "Connections re-established after a loss, by side (amqp, nats).",
+		}, []string{"side"}),
+		inFlight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: MetricsPrefix + "in_flight",
+			Help: "JetStream publishes awaiting their PubAck.",
+		}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    MetricsPrefix + "latency_seconds",
+			Help:    "Time from Keystone's notification timestamp (or receipt, without one) to the PubAck of its event.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2.5, 14), // 1ms .. ~150s
+		}),
+	}
+	for _, c := range []prometheus.Collector{m.received, m.published, m.duplicates, m.filtered, m.rejected,
+		m.widened, m.publishErrors, m.ackErrors, m.reconnects, m.inFlight, m.latency} {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if errors.As(err, &are) {
+				return nil, fmt.Errorf("bridge metrics: %w (one Bridge per registry)", err)
+			}
+			return nil, fmt.Errorf("bridge metrics: %w", err)
+		}
+	}
+	// Show zero counts for every known label value.
+	for _, r := range event.Reasons {
+		m.rejected.WithLabelValues(string(r))
+	}
+	for _, w := range []string{event.WidenUnknownType, event.WidenMissingIDs, widenDecodeError} {
+		m.widened.WithLabelValues(w)
+	}
+	for _, s := range []string{sideAMQP, sideNATS} {
+		m.reconnects.WithLabelValues(s)
+	}
+	return m, nil
+}
+
+const (
+	sideAMQP = "amqp"
+	sideNATS = "nats"
+)
+
+func filteredLabel(eventType string) string {
+	if filteredTypes[eventType] {
+		return eventType
+	}
+	return otherType
+}
+
+func widenLabel(reason string) string {
+	switch reason {
+	case event.WidenUnknownType, event.WidenMissingIDs, widenDecodeError:
+		return reason
+	}
+	return widenOther
+}

@@ -1,0 +1,370 @@
+package bridge
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+)
+
+// Queue types for Options.QueueType.
+const (
+	QueueQuorum  = "quorum"
+	QueueClassic = "classic"
+)
+
+// Defaults of Options. A zero field means its default.
+const (
+	DefaultExchange          = "keystone"
+	DefaultRoutingKey        = "notifications.info"
+	DefaultQueue             = "keystone-fanout"
+	DefaultQueueType         = QueueQuorum
+	DefaultHeartbeat         = 10 * time.Second
+	DefaultPrefetch          = 256
+	DefaultConnectTimeout    = 15 * time.Second
+	DefaultReconnectMin      = 100 * time.Millisecond
+	DefaultReconnectMax      = 30 * time.Second
+	DefaultPublishWindow     = 256
+	DefaultPubAckTimeout     = 5 * time.Second
+	DefaultMaxBodySize       = 1 << 20
+	DefaultShutdownTimeout   = 10 * time.Second
+	DefaultStreamCheckPeriod = 10 * time.Second
+	DefaultConnectionName    = "keystone-fanout-bridge"
+)
+
+// Options configures a Bridge. Validate fills zero fields with their defaults
+// and checks the rest; New calls it, so an invalid Options never connects.
+type Options struct {
+	// AMQPURLs (--amqp-url, repeatable or comma-separated) are the RabbitMQ
+	// brokers, as amqp://, amqps:// or oslo.messaging's
+	// rabbit://user:pass@host1:5672,user:pass@host2:5672/vhost (see
+	// ParseAMQPURLs; Validate normalises them). Required. The bridge connects
+	// to the first that answers and, after losing a connection, tries the next
+	// ones in turn, forever.
+	AMQPURLs []string
+	// AMQPPassword (--amqp-password, or --amqp-password-file), when not empty,
+	// replaces the password of every AMQP URL, so that the URL need not carry it.
+	AMQPPassword string
+
+	// Exchange (--exchange, default "keystone") is Keystone's control_exchange.
+	// The bridge declares it as oslo.messaging does (topic, durable=false,
+	// auto_delete=false); if it already exists with other flags the bridge
+	// logs it and uses it as it is.
+	Exchange string
+	// RoutingKeys (--routing-key, repeatable, default "notifications.info")
+	// bind the queue to the exchange: "<topic>.<priority>" of Keystone's
+	// [oslo_messaging_notifications] topics.
+	RoutingKeys []string
+	// Queue (--queue, default "keystone-fanout") is the bridge's own durable
+	// queue. Several bridge replicas may share it. It keeps notifications while
+	// no bridge runs: nothing sent after the queue was first declared is lost.
+	Queue string
+	// QueueType (--queue-type) is "quorum" (default; replicated, survives a
+	// broker node loss) or "classic". It only matters when the queue is
+	// created: an existing queue of the other type is used as it is (logged).
+	QueueType string
+	// DeadLetterExchange (--dead-letter-exchange), when not empty, is set as
+	// the queue's x-dead-letter-exchange and rejected bodies (not a
+	// notification, too large) are nacked to it instead of acked. Create the
+	// exchange and a queue bound to it yourself; a missing exchange makes
+	// RabbitMQ drop them (the bridge warns at start). Default: none.
+	DeadLetterExchange string
+
+	// TLS configures amqps:// connections (--amqp-tls-ca, --amqp-tls-cert,
+	// --amqp-tls-key, --amqp-tls-server-name). Empty: system roots, the URL's
+	// host as server name (and amqp091's cacertfile/certfile/keyfile URL
+	// query parameters apply). Setting any of them requires amqps:// URLs.
+	TLS TLSOptions
+	// Heartbeat (--amqp-heartbeat, default 10s) is the AMQP heartbeat
+	// interval; a silent connection is declared dead after three intervals.
+	Heartbeat time.Duration
+	// Prefetch (--prefetch, default 256) is how many unacknowledged deliveries
+	// RabbitMQ sends ahead (basic.qos).
+	Prefetch int
+	// ConnectTimeout (--amqp-connect-timeout, default 15s) bounds connecting
+	// to one broker (TCP, TLS, AMQP handshake) and the set-up that follows
+	// (declarations, bindings, consume). On expiry the connection is dropped
+	// and the next broker tried.
+	ConnectTimeout time.Duration
+	// ReconnectMin and ReconnectMax (default 100ms and 30s) bound the capped
+	// exponential back-off between rounds of connection attempts. The bridge
+	// never gives up.
+	ReconnectMin, ReconnectMax time.Duration
+	// ConnectionName (default "keystone-fanout-bridge") is the AMQP
+	// connection_name client property, shown by rabbitmqctl list_connections.
+	ConnectionName string
+
+	// Stream is the JetStream stream the bridge publishes to (--stream,
+	// --subject-prefix, --stream-max-age, --stream-replicas,
+	// --stream-duplicate-window); see StreamConfig for defaults.
+	Stream StreamConfig
+	// PublishWindow (--publish-window, default 256) is the most JetStream
+	// publishes awaiting their PubAck at once; consumption waits while full.
+	PublishWindow int
+	// DecodeWorkers (--decode-workers, default GOMAXPROCS) is how many
+	// goroutines decode and publish deliveries in parallel; decoding is the
+	// bridge's main CPU cost.
+	DecodeWorkers int
+	// PubAckTimeout (--puback-timeout, default 5s) is how long one publish
+	// waits for its PubAck. On expiry the delivery is nacked and requeued
+	// (the stream dedupes if it was stored after all).
+	PubAckTimeout time.Duration
+	// StreamCheckPeriod (default 10s) is how often readiness re-checks that
+	// the stream is reachable (and re-creates it if it vanished).
+	StreamCheckPeriod time.Duration
+
+	// MaxBodySize (--max-body-size, default 1 MiB) is the largest AMQP body
+	// decoded; larger ones are rejected with reason too_large.
+	MaxBodySize int
+	// Filter (--filter, repeatable) lists event type patterns (path.Match
+	// syntax) that are acked and counted without being published. nil means
+	// event.DefaultFilter; an empty non-nil slice filters nothing. Types that
+	// affect tokens are never filtered whatever the patterns say.
+	Filter []string
+
+	// ShutdownTimeout (--shutdown-timeout, default 10s) bounds how long Run,
+	// once its context ends, takes to cancel its consumer and wait for
+	// in-flight publishes to be acknowledged, before it closes the connection
+	// (at most 2s more); deliveries left unacknowledged are redelivered by
+	// RabbitMQ.
+	ShutdownTimeout time.Duration
+}
+
+// TLSOptions are the TLS settings of the AMQP connections. Files are PEM.
+type TLSOptions struct {
+	// CAFile (--amqp-tls-ca) verifies the broker's certificate; empty uses
+	// the system roots.
+	CAFile string
+	// CertFile and KeyFile (--amqp-tls-cert, --amqp-tls-key) are a client
+	// certificate for mutual TLS; both or neither.
+	CertFile, KeyFile string
+	// ServerName (--amqp-tls-server-name) is the name checked in the broker's
+	// certificate; empty uses each URL's host.
+	ServerName string
+}
+
+func (t TLSOptions) empty() bool { return t == TLSOptions{} }
+
+// config loads the files into a tls.Config; nil when no option is set.
+func (t TLSOptions) config() (*tls.Config, error) {
+	if t.empty() {
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
+	if t.CAFile != "" {
+		pem, err := os.ReadFile(t.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("--amqp-tls-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--amqp-tls-ca %s: no PEM certificate found: give the CA certificate that signed the broker's", t.CAFile)
+		}
+		cfg.RootCAs = pool
+	}
+	if t.CertFile != "" || t.KeyFile != "" {
+		if t.CertFile == "" || t.KeyFile == "" {
+			return nil, errors.New("--amqp-tls-cert and --amqp-tls-key go together: give both or neither")
+		}
+		cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("--amqp-tls-cert/--amqp-tls-key: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
+}
+
+// setDefaults fills zero fields.
+func (o *Options) setDefaults() {
+	if o.Exchange == "" {
+		o.Exchange = DefaultExchange
+	}
+	if len(o.RoutingKeys) == 0 {
+		o.RoutingKeys = []string{DefaultRoutingKey}
+	}
+	if o.Queue == "" {
+		o.Queue = DefaultQueue
+	}
+	if o.QueueType == "" {
+		o.QueueType = DefaultQueueType
+	}
+	if o.Heartbeat == 0 {
+		o.Heartbeat = DefaultHeartbeat
+	}
+	if o.Prefetch == 0 {
+		o.Prefetch = DefaultPrefetch
+	}
+	if o.ConnectTimeout == 0 {
+		o.ConnectTimeout = DefaultConnectTimeout
+	}
+	if o.ReconnectMin == 0 {
+		o.ReconnectMin = DefaultReconnectMin
+	}
+	if o.ReconnectMax == 0 {
+		o.ReconnectMax = DefaultReconnectMax
+	}
+	if o.ConnectionName == "" {
+		o.ConnectionName = DefaultConnectionName
+	}
+	o.Stream.setDefaults()
+	if o.PublishWindow == 0 {
+		o.PublishWindow = DefaultPublishWindow
+	}
+	if o.DecodeWorkers == 0 {
+		o.DecodeWorkers = runtime.GOMAXPROCS(0)
+	}
+	if o.PubAckTimeout == 0 {
+		o.PubAckTimeout = DefaultPubAckTimeout
+	}
+	if o.StreamCheckPeriod == 0 {
+		o.StreamCheckPeriod = DefaultStreamCheckPeriod
+	}
+	if o.MaxBodySize == 0 {
+		o.MaxBodySize = DefaultMaxBodySize
+	}
+	if o.Filter == nil {
+		o.Filter = append([]string(nil), event.DefaultFilter...)
+	}
+	if o.ShutdownTimeout == 0 {
+		o.ShutdownTimeout = DefaultShutdownTimeout
+	}
+}
+
+// Validate fills zero fields with their defaults, normalises AMQPURLs (see
+// ParseAMQPURLs) and checks every option without connecting. Its errors name
+// the command-line flag and say how to fix it.
+func (o *Options) Validate() error {
+	o.setDefaults()
+	urls, err := ParseAMQPURLs(o.AMQPURLs)
+	if err != nil {
+		return err
+	}
+	if o.AMQPPassword != "" {
+		for i, u := range urls {
+			if urls[i], err = withPassword(u, o.AMQPPassword); err != nil {
+				return fmt.Errorf("--amqp-password: applying it to %s: %v", redactURL(u), err)
+			}
+		}
+	}
+	o.AMQPURLs = urls
+	if !o.TLS.empty() {
+		for _, u := range urls {
+			if !strings.HasPrefix(u, "amqps://") {
+				return fmt.Errorf("--amqp-url %s is not TLS but --amqp-tls-* options are set: "+
+					"use amqps:// (or ?ssl=1), or drop the TLS options", redactURL(u))
+			}
+		}
+		if _, err := o.TLS.config(); err != nil {
+			return err
+		}
+	}
+	if err := checkAMQPName("--exchange", o.Exchange); err != nil {
+		return err
+	}
+	if o.Exchange == "" || strings.HasPrefix(o.Exchange, "amq.") {
+		return fmt.Errorf("--exchange %q: give Keystone's control_exchange (default %q), not a broker-reserved amq.* exchange", o.Exchange, DefaultExchange)
+	}
+	for _, k := range o.RoutingKeys {
+		if k == "" {
+			return fmt.Errorf("--routing-key: empty key: give <topic>.<priority>, for example %q", DefaultRoutingKey)
+		}
+		if err := checkAMQPName("--routing-key", k); err != nil {
+			return err
+		}
+	}
+	if err := checkAMQPName("--queue", o.Queue); err != nil {
+		return err
+	}
+	if strings.HasPrefix(o.Queue, "amq.") {
+		return fmt.Errorf("--queue %q: names starting with amq. are reserved by RabbitMQ: choose another, for example %q", o.Queue, DefaultQueue)
+	}
+	if o.Queue == DefaultRoutingKey || slices.Contains(o.RoutingKeys, o.Queue) {
+		return fmt.Errorf("--queue %q: that is the queue oslo.messaging itself declares (non-durable) for other consumers: "+
+			"give the bridge its own queue, for example %q", o.Queue, DefaultQueue)
+	}
+	if o.QueueType != QueueQuorum && o.QueueType != QueueClassic {
+		return fmt.Errorf("--queue-type %q: must be %q or %q", o.QueueType, QueueQuorum, QueueClassic)
+	}
+	if err := checkAMQPName("--dead-letter-exchange", o.DeadLetterExchange); err != nil {
+		return err
+	}
+	if o.DeadLetterExchange != "" && o.DeadLetterExchange == o.Exchange {
+		return fmt.Errorf("--dead-letter-exchange %q is Keystone's exchange: rejected messages would come back; give a separate exchange", o.DeadLetterExchange)
+	}
+	for _, d := range []struct {
+		flag string
+		v    time.Duration
+		min  time.Duration
+	}{
+		{"--amqp-heartbeat", o.Heartbeat, time.Second},
+		{"--amqp-connect-timeout", o.ConnectTimeout, 100 * time.Millisecond},
+		{"--amqp-reconnect-min", o.ReconnectMin, time.Millisecond},
+		{"--amqp-reconnect-max", o.ReconnectMax, time.Millisecond},
+		{"--puback-timeout", o.PubAckTimeout, 10 * time.Millisecond},
+		{"--stream-check-period", o.StreamCheckPeriod, 10 * time.Millisecond},
+		{"--shutdown-timeout", o.ShutdownTimeout, time.Millisecond},
+	} {
+		if d.v < d.min {
+			return fmt.Errorf("%s %s: must be at least %s", d.flag, d.v, d.min)
+		}
+	}
+	if o.ReconnectMax < o.ReconnectMin {
+		return fmt.Errorf("--amqp-reconnect-max %s is below --amqp-reconnect-min %s: raise it", o.ReconnectMax, o.ReconnectMin)
+	}
+	if o.Heartbeat > time.Hour {
+		return fmt.Errorf("--amqp-heartbeat %s: at most 1h (RabbitMQ negotiates seconds up to 65535); 10s is usual", o.Heartbeat)
+	}
+	if o.Prefetch < 1 || o.Prefetch > 65535 {
+		return fmt.Errorf("--prefetch %d: must be from 1 to 65535 (default %d)", o.Prefetch, DefaultPrefetch)
+	}
+	if o.PublishWindow < 1 || o.PublishWindow > 1<<16 {
+		return fmt.Errorf("--publish-window %d: must be from 1 to 65536 (default %d)", o.PublishWindow, DefaultPublishWindow)
+	}
+	if o.DecodeWorkers < 1 || o.DecodeWorkers > 256 {
+		return fmt.Errorf("--decode-workers %d: must be from 1 to 256 (default: the number of CPUs)", o.DecodeWorkers)
+	}
+	if o.MaxBodySize < 1024 || o.MaxBodySize > 64<<20 {
+		return fmt.Errorf("--max-body-size %d: must be from 1024 to %d bytes (default %d)", o.MaxBodySize, 64<<20, DefaultMaxBodySize)
+	}
+	if _, err := event.NewFilter(o.Filter); err != nil {
+		return fmt.Errorf("--filter: %v: patterns use path.Match syntax, for example identity.*.created", err)
+	}
+	if err := o.Stream.Validate(); err != nil {
+		return err
+	}
+	return nil
+}
+
+// checkAMQPName checks a short string of the AMQP protocol (at most 255
+// bytes, valid UTF-8 without control characters).
+func checkAMQPName(flag, s string) error {
+	if len(s) > 255 {
+		return fmt.Errorf("%s: %d bytes, AMQP allows at most 255", flag, len(s))
+	}
+	if strings.ContainsFunc(s, func(r rune) bool { return r < 0x20 || r == 0x7f || r == 0xfffd }) {
+		return fmt.Errorf("%s %q: contains control characters or invalid UTF-8", flag, s)
+	}
+	return nil
+}
+
+// redactedURLs is the URLs for logs.
+func redactedURLs(urls []string) []string {
+	out := make([]string, len(urls))
+	for i, u := range urls {
+		if p, err := url.Parse(u); err == nil {
+			out[i] = p.Redacted()
+		} else {
+			out[i] = redactURL(u)
+		}
+	}
+	return out
+}

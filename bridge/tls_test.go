@@ -1,0 +1,195 @@
+package bridge
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// testPKI is a CA with a server certificate for "rabbit.test" and a client
+// certificate, written as PEM files.
+type testPKI struct {
+	caFile, serverCert, serverKey, clientCert, clientKey string
+	caPool                                               *x509.CertPool
+}
+
+func newTestPKI(t *testing.T) *testPKI {
+	t.Helper()
+	dir := t.TempDir()
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "keystone-fanout test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	p := &testPKI{caPool: x509.NewCertPool()}
+	p.caPool.AddCert(ca)
+	p.caFile = writePEM(t, dir, "ca.pem", "CERTIFICATE", caDER)
+	issue := func(name string, serial int64, usage x509.ExtKeyUsage, dns []string) (string, string) {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name}, DNSNames: dns,
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage},
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keyDER, _ := x509.MarshalECPrivateKey(key)
+		return writePEM(t, dir, name+".pem", "CERTIFICATE", der), writePEM(t, dir, name+"-key.pem", "EC PRIVATE KEY", keyDER)
+	}
+	p.serverCert, p.serverKey = issue("rabbit.test", 2, x509.ExtKeyUsageServerAuth, []string{"rabbit.test"})
+	p.clientCert, p.clientKey = issue("bridge", 3, x509.ExtKeyUsageClientAuth, nil)
+	return p
+}
+
+func writePEM(t *testing.T, dir, name, typ string, der []byte) string {
+	t.Helper()
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// tlsTerminator accepts TLS connections that present a client certificate
+// of the test CA and forwards the plain bytes to RabbitMQ: an amqps broker.
+func tlsTerminator(t *testing.T, p *testPKI) string {
+	t.Helper()
+	cert, err := tls.LoadX509KeyPair(p.serverCert, p.serverKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+		Certificates: []tls.Certificate{cert}, ClientCAs: p.caPool,
+		ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	target := brokerAddr(t)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if err := c.(*tls.Conn).Handshake(); err != nil {
+					return
+				}
+				up, err := net.Dial("tcp", target)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				go func() { io.Copy(up, c); up.Close() }()
+				io.Copy(c, up)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+func TestAMQPSWithMutualTLS(t *testing.T) {
+	pki := newTestPKI(t)
+	addr := tlsTerminator(t, pki)
+	r := newRig(t)
+	n := startNATS(t)
+	o := r.options()
+	o.AMQPURLs = []string{"rabbit://guest:guest@" + addr + "/?ssl=1"}
+	o.TLS = TLSOptions{CAFile: pki.caFile, CertFile: pki.clientCert, KeyFile: pki.clientKey, ServerName: "rabbit.test"}
+	br := startBridge(t, o, n.nc)
+	if !strings.HasPrefix(br.b.Options().AMQPURLs[0], "amqps://") {
+		t.Fatalf("URL %s, want amqps://", br.b.Options().AMQPURLs[0])
+	}
+	msgs, ids := notifications(20)
+	r.publish(msgs...)
+	waitFor(t, 20*time.Second, "20 events stored", func() (bool, string) {
+		c := n.streamCount(r.stream.Name)
+		return c >= 20, fmt.Sprint(c)
+	})
+	checkStreamHoldsOnce(t, n, r.stream.Name, ids)
+}
+
+func TestAMQPSRejectsWrongServerName(t *testing.T) {
+	pki := newTestPKI(t)
+	addr := tlsTerminator(t, pki)
+	r := newRig(t)
+	n := startNATS(t)
+	o := r.options()
+	o.AMQPURLs = []string{"amqps://guest:guest@" + addr + "/"}
+	o.TLS = TLSOptions{CAFile: pki.caFile, CertFile: pki.clientCert, KeyFile: pki.clientKey, ServerName: "not-rabbit.test"}
+	b, err := New(o, n.nc, prometheus.NewRegistry(), testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- b.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, 20*time.Second, "Ready() to report the certificate error", func() (bool, string) {
+		err := b.Ready()
+		return err != nil && strings.Contains(err.Error(), "certificate"), fmt.Sprint(err)
+	})
+}
+
+func TestTLSOptionsFiles(t *testing.T) {
+	pki := newTestPKI(t)
+	notPEM := filepath.Join(t.TempDir(), "not.pem")
+	os.WriteFile(notPEM, []byte("hello"), 0o600)
+	tests := []struct {
+		name    string
+		tls     TLSOptions
+		wantErr string
+	}{
+		{"complete", TLSOptions{CAFile: pki.caFile, CertFile: pki.clientCert, KeyFile: pki.clientKey, ServerName: "x"}, ""},
+		{"ca only", TLSOptions{CAFile: pki.caFile}, ""},
+		{"ca not PEM", TLSOptions{CAFile: notPEM}, "--amqp-tls-ca"},
+		{"key not matching", TLSOptions{CertFile: pki.clientCert, KeyFile: pki.serverKey}, "--amqp-tls-cert/--amqp-tls-key"},
+		{"key missing", TLSOptions{CertFile: pki.clientCert}, "--amqp-tls-cert and --amqp-tls-key"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			o := Options{AMQPURLs: []string{"amqps://h/"}, TLS: tc.tls}
+			err := o.Validate()
+			if tc.wantErr == "" {
+				if err != nil {
+					t.Fatalf("Validate() = %v, want nil", err)
+				}
+				cfg, err := o.TLS.config()
+				if err != nil || cfg == nil || cfg.MinVersion < tls.VersionTLS12 {
+					t.Fatalf("config() = %v, %v; want a TLS 1.2+ config", cfg, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("Validate() = %v, want an error naming %s", err, tc.wantErr)
+			}
+		})
+	}
+}
