@@ -45,7 +45,18 @@ func New(name, usage string, out io.Writer) *Set {
 	fs.Usage = func() {
 		fmt.Fprintf(out, "%s\n\nFlags (each also from the environment as %s<FLAG>, for example %s):\n",
 			strings.TrimSpace(usage), EnvPrefix, EnvName("http-addr"))
-		fs.PrintDefaults()
+		fs.VisitAll(func(f *flag.Flag) {
+			typ, help := flag.UnquoteUsage(f)
+			fmt.Fprintf(out, "  --%s", f.Name)
+			if typ != "" && typ != "value" {
+				fmt.Fprintf(out, " %s", typ)
+			}
+			fmt.Fprintf(out, "  [%s]\n        %s", EnvName(f.Name), help)
+			if f.DefValue != "" && f.DefValue != "false" && f.DefValue != "0" {
+				fmt.Fprintf(out, " (default %s)", f.DefValue)
+			}
+			fmt.Fprintln(out)
+		})
 	}
 	return s
 }

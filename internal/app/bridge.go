@@ -1,0 +1,161 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keystone-fanout/keystone-fanout/bridge"
+	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
+)
+
+// BridgeOptions configures `keystone-fanout bridge`.
+type BridgeOptions struct {
+	Bridge bridge.Options
+	// NATS is where the stream lives. An empty NATS.URL starts the embedded
+	// server described by Embedded and connects to it.
+	NATS     natsconn.Options
+	Embedded natsserver.Options
+	// Revoke, when not nil (--keystone-url given), also runs the revocation
+	// event poller.
+	Revoke *revoke.Options
+	// HTTPAddr (--http-addr, default 127.0.0.1:9090) serves /healthz, /readyz
+	// and /metrics; empty serves nothing.
+	HTTPAddr string
+	// ShutdownTimeout (--shutdown-timeout) bounds the stop after SIGTERM.
+	ShutdownTimeout time.Duration
+
+	// Registry collects the metrics; nil makes a new one (tests pass their own).
+	Registry *prometheus.Registry
+	// OnListen is told the bound HTTP address (tests listen on port 0).
+	OnListen func(addr string)
+}
+
+// Validate checks every option before anything is started.
+func (o *BridgeOptions) Validate() error {
+	var errs []error
+	errs = append(errs, o.Bridge.Validate())
+	errs = append(errs, validateNATS(o.NATS, o.Embedded))
+	if o.Revoke != nil {
+		o.Revoke.SubjectPrefix = o.Bridge.Stream.SubjectPrefix
+		errs = append(errs, o.Revoke.Validate())
+	}
+	return errors.Join(errs...)
+}
+
+func validateNATS(n natsconn.Options, embedded natsserver.Options) error {
+	if n.URL == "" {
+		return embedded.Validate()
+	}
+	return n.Validate()
+}
+
+// embeddedNATS is the embedded server as a component, started before the others.
+type embeddedNATS struct{ srv *natsserver.Server }
+
+func (e *embeddedNATS) run(ctx context.Context) error {
+	<-ctx.Done()
+	e.srv.Shutdown()
+	return nil
+}
+
+// connectNATS starts the embedded server when no URL is given, then connects.
+// The returned components are the embedded server (if any) and the connection,
+// in start order.
+func connectNATS(ctx context.Context, o natsconn.Options, embedded natsserver.Options, name string, log *slog.Logger) (*nats.Conn, []component, error) {
+	var comps []component
+	if o.URL == "" {
+		srv, err := natsserver.Start(embedded)
+		if err != nil {
+			return nil, nil, err
+		}
+		log.Info("embedded NATS server with JetStream started", "url", srv.ClientURL(), "data_dir", embedded.DataDir)
+		e := &embeddedNATS{srv: srv}
+		comps = append(comps, component{name: "embedded NATS server", run: e.run})
+		o.URL = srv.ClientURL()
+	}
+	nc, err := natsconn.Connect(ctx, o, name, log, nil)
+	if err != nil {
+		for _, c := range comps {
+			cctx, cancel := context.WithCancel(ctx)
+			cancel()
+			_ = c.run(cctx)
+		}
+		return nil, nil, err
+	}
+	comps = append(comps, component{
+		name: "NATS connection",
+		run: func(ctx context.Context) error {
+			<-ctx.Done()
+			// Flush what was published, then close; bounded by the drain timeout.
+			if err := nc.Drain(); err != nil {
+				nc.Close()
+			}
+			for deadline := time.Now().Add(5 * time.Second); !nc.IsClosed() && time.Now().Before(deadline); {
+				time.Sleep(10 * time.Millisecond)
+			}
+			nc.Close()
+			return nil
+		},
+		ready: func() error {
+			if !nc.IsConnected() {
+				return fmt.Errorf("NATS is %s", nc.Status())
+			}
+			return nil
+		},
+	})
+	return nc, comps, nil
+}
+
+// bridgeComponents builds the bridge and, when configured, the revocation
+// poller on an open connection.
+func bridgeComponents(o *BridgeOptions, nc *nats.Conn, reg prometheus.Registerer, log *slog.Logger) ([]component, error) {
+	b, err := bridge.New(o.Bridge, nc, reg, log.With("component", "bridge"))
+	if err != nil {
+		return nil, err
+	}
+	comps := []component{{name: "bridge", run: b.Run, ready: b.Ready}}
+	if o.Revoke != nil {
+		js, err := jetstream.New(nc)
+		if err != nil {
+			return nil, err
+		}
+		p, err := revoke.New(*o.Revoke, js, reg, log.With("component", "revocation-poller"))
+		if err != nil {
+			return nil, err
+		}
+		comps = append(comps, component{name: "revocation poller", run: p.Run, ready: p.Ready})
+	}
+	return comps, nil
+}
+
+// RunBridge runs the bridge (and the embedded NATS server and the revocation
+// poller when configured) until ctx ends.
+func RunBridge(ctx context.Context, o BridgeOptions, log *slog.Logger) error {
+	if err := o.Validate(); err != nil {
+		return err
+	}
+	reg := o.Registry
+	if reg == nil {
+		reg = newRegistry()
+	}
+	nc, comps, err := connectNATS(ctx, o.NATS, o.Embedded, "keystone-fanout-bridge", log)
+	if err != nil {
+		return err
+	}
+	more, err := bridgeComponents(&o, nc, reg, log)
+	if err != nil {
+		nc.Close()
+		return err
+	}
+	comps = append(comps, more...)
+	return runComponents(ctx, log, o.HTTPAddr, reg, o.ShutdownTimeout, o.OnListen, comps...)
+}

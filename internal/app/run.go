@@ -1,0 +1,123 @@
+// Package app composes keystone-fanout's components into the processes that the
+// command runs: it validates every option before it connects anywhere, starts
+// the components in order, serves their health, readiness and metrics, and
+// stops them in reverse order within a bound.
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/ops"
+)
+
+// component is one long-running part of a process.
+type component struct {
+	name  string
+	run   func(ctx context.Context) error
+	ready func() error // nil: always ready
+}
+
+// DefaultShutdownTimeout bounds the whole stop of a process.
+const DefaultShutdownTimeout = 30 * time.Second
+
+// newRegistry returns a registry with the Go runtime and process collectors.
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// runComponents serves /healthz, /readyz and /metrics on httpAddr (unless it is
+// empty) and runs comps until ctx ends or one of them fails. Then it stops them
+// one at a time, last started first, so that the bridge stops taking
+// deliveries before the NATS server it publishes to goes away. The whole stop
+// is bounded by shutdown; a component still running then is abandoned and
+// reported.
+//
+// onListen, when not nil, is told the bound HTTP address (tests use port 0).
+func runComponents(ctx context.Context, log *slog.Logger, httpAddr string, g prometheus.Gatherer,
+	shutdown time.Duration, onListen func(string), comps ...component) error {
+	if shutdown <= 0 {
+		shutdown = DefaultShutdownTimeout
+	}
+	ready := func() error {
+		var errs []error
+		for _, c := range comps {
+			if c.ready == nil {
+				continue
+			}
+			if err := c.ready(); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", c.name, err))
+			}
+		}
+		return errors.Join(errs...)
+	}
+	if httpAddr != "" {
+		srv, err := ops.Listen(httpAddr, g, ready, log)
+		if err != nil {
+			return err
+		}
+		if onListen != nil {
+			onListen(srv.Addr())
+		}
+		// First in the list: the endpoints are the last thing to stop.
+		comps = append([]component{{name: "http", run: srv.Run}}, comps...)
+	}
+
+	type running struct {
+		cancel context.CancelFunc
+		done   chan error
+	}
+	failed := make(chan struct{}, len(comps))
+	var started []running
+	for _, c := range comps {
+		cctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		r := running{cancel: cancel, done: make(chan error, 1)}
+		go func(c component) {
+			err := c.run(cctx)
+			if err != nil && cctx.Err() == nil {
+				err = fmt.Errorf("%s: %w", c.name, err)
+				log.Error("component failed; stopping the process", "component", c.name, "err", err)
+				failed <- struct{}{}
+			} else if err == nil && cctx.Err() == nil {
+				err = fmt.Errorf("%s stopped unexpectedly", c.name)
+				failed <- struct{}{}
+			}
+			r.done <- err
+		}(c)
+		started = append(started, r)
+	}
+
+	select {
+	case <-ctx.Done():
+		log.Info("stopping", "reason", context.Cause(ctx))
+	case <-failed:
+	}
+
+	deadline := time.NewTimer(shutdown)
+	defer deadline.Stop()
+	var errs []error
+	for i := len(started) - 1; i >= 0; i-- {
+		started[i].cancel()
+		select {
+		case err := <-started[i].done:
+			if err != nil && !errors.Is(err, context.Canceled) {
+				errs = append(errs, err)
+			}
+		case <-deadline.C:
+			errs = append(errs, fmt.Errorf("shutdown took longer than %s; %s and the components started before it were abandoned", shutdown, comps[i].name))
+			for j := i - 1; j >= 0; j-- {
+				started[j].cancel()
+			}
+			return errors.Join(errs...)
+		}
+	}
+	return errors.Join(errs...)
+}
