@@ -2,14 +2,130 @@ package main
 
 import (
 	"context"
-	"errors"
 	"io"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/app"
+	"github.com/keystone-fanout/keystone-fanout/internal/config"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
+	"github.com/keystone-fanout/keystone-fanout/regionagent"
 )
 
-func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
-	return errors.New("not yet")
+const agentUsage = `Usage: keystone-fanout agent --region NAME --memcached HOST:PORT[,HOST:PORT...] [flags]
+
+Runs in a region whose services cache token validations in memcached. Consumes the
+stream through a durable consumer named after the region, removes the cache entries
+each event concerns from every memcached server of the region, and acknowledges an
+event only after that. After a restart it replays what it missed; when the stream no
+longer holds events the region missed, it removes every token entry.`
+
+// agentFlags maps `keystone-fanout agent` flags onto its options.
+type agentFlags struct {
+	common
+	o        app.AgentOptions
+	strategy string
 }
 
+// registerAgent registers the agent's own flags; withNATS adds the NATS client
+// flags (all-in-one shares the bridge's).
+func (f *agentFlags) registerAgent(s *config.Set) {
+	a := &f.o.Agent
+	s.String(&a.Region, "region", "", "this region's name, also its durable consumer's name (required)")
+	s.Seconds(&a.TokenCacheTime, "token-cache-time", regionagent.DefaultTokenCacheTime, "the services' [keystone_authtoken] token_cache_time")
+	s.String(&f.o.Memcache.Servers, "memcached", "", "the region's memcached servers, as [keystone_authtoken] memcached_servers (required)")
+	s.String(&f.strategy, "strategy", string(tokencache.Targeted), "targeted (remove what an event concerns), sweep (every token entry) or flush (flush_all: only for a memcached that keystonemiddleware alone uses)")
+	s.Bool(&f.o.Memcache.TLS.Enabled, "memcached-tls", false, "connect to memcached with TLS")
+	s.String(&f.o.Memcache.TLS.CAFile, "memcached-tls-ca", "", "PEM CA bundle that memcached servers' certificates are checked against")
+	s.String(&f.o.Memcache.TLS.CertFile, "memcached-tls-cert", "", "PEM client certificate for memcached")
+	s.String(&f.o.Memcache.TLS.KeyFile, "memcached-tls-key", "", "PEM key of --memcached-tls-cert")
+	s.String(&f.o.Memcache.TLS.ServerName, "memcached-tls-server-name", "", "name checked in memcached servers' certificates (default: each server's host)")
+	s.Seconds(&a.SecondPassDelay, "second-pass-delay", regionagent.DefaultSecondPassDelay, "the same invalidation again after this delay, for validations in flight during the first")
+	s.Seconds(&a.ReplayMargin, "replay-margin", regionagent.DefaultReplayMargin, "added to --token-cache-time when replaying a new consumer's history")
+	s.Int(&a.BatchSize, "batch-size", regionagent.DefaultBatchSize, "most events handled by one invalidation")
+	s.Duration(&a.BatchLinger, "batch-linger", regionagent.DefaultBatchLinger, "how long an idle agent's first event waits for others to share its invalidation")
+	s.Int(&a.MaxAckPending, "max-ack-pending", regionagent.DefaultMaxAckPending, "most events delivered and not yet acknowledged")
+	s.Durations(&a.RedeliveryBackoff, "redelivery-backoff", regionagent.DefaultRedeliveryBackoff, "JetStream redelivery delays of an event whose agent went silent")
+	s.Duration(&a.RetryMin, "retry-min", regionagent.DefaultRetryMin, "first wait before retrying a failed invalidation; doubles up to --retry-max")
+	s.Duration(&a.RetryMax, "retry-max", regionagent.DefaultRetryMax, "longest wait between retries of a failed invalidation (never given up)")
+	s.Duration(&a.InvalidateTimeout, "invalidate-timeout", regionagent.DefaultInvalidateTimeout, "bound on one invalidation; running out counts as a failure and is retried")
+	s.Duration(&a.AuditInterval, "audit-interval", regionagent.DefaultAuditInterval, "how often the consumer's and stream's state are checked (lag, deleted consumer, purged events)")
+	s.Duration(&a.Heartbeat, "consumer-heartbeat", regionagent.DefaultHeartbeat, "idle heartbeat of the agent's pull requests")
+	s.String(&a.CheckpointBucket, "checkpoint-bucket", regionagent.DefaultCheckpointBucket, "JetStream key-value bucket recording each region's position, to detect purged events")
+	s.Bool(&a.NoCheckpoint, "no-checkpoint", false, "do not record the region's position (events purged while the agent is stopped go unnoticed)")
+	s.String(&a.JetStreamDomain, "js-domain", "", "JetStream domain of the stream, when reached through a leaf node")
+}
+
+// finish applies what needs more than one flag, after parsing.
+func (f *agentFlags) finish() error {
+	st, err := tokencache.ParseStrategy(f.strategy)
+	if err != nil {
+		return err
+	}
+	f.o.Invalidation.Strategy = st
+	f.o.Agent.ShutdownTimeout = min(f.shutdown/2, regionagent.DefaultShutdownTimeout)
+	f.o.HTTPAddr, f.o.ShutdownTimeout = f.httpAddr, f.shutdown
+	return nil
+}
+
+func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	var f agentFlags
+	s := config.New("agent", agentUsage, stderr)
+	f.common.register(s, "127.0.0.1:9091")
+	f.registerAgent(s)
+	s.String(&f.o.Agent.Stream, "stream", regionagent.DefaultStream, "JetStream stream carrying the events")
+	registerNATS(s, &f.o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s) of the stream, comma-separated")
+	if err := s.Parse(args, getenv); err != nil {
+		return parseErr(err)
+	}
+	if err := f.finish(); err != nil {
+		return usageError{err}
+	}
+	log, err := f.logger(stderr)
+	if err != nil {
+		return err
+	}
+	if err := f.o.Validate(); err != nil {
+		return usageError{err}
+	}
+	return app.RunAgent(ctx, f.o, log)
+}
+
+const allInOneUsage = `Usage: keystone-fanout all-in-one --memcached HOST:PORT [flags]
+
+Runs the embedded NATS server (unless --nats-url is given), the bridge and one region
+agent in one process: for one machine, a demo, or a single-region cloud. Takes the
+bridge's flags and the agent's; --region defaults to regionOne.`
+
 func runAllInOne(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
-	return errors.New("not yet")
+	var bf bridgeFlags
+	var af agentFlags
+	s := config.New("all-in-one", allInOneUsage, stderr)
+	bf.register(s)
+	af.registerAgent(s)
+	if err := s.Parse(args, getenv); err != nil {
+		return parseErr(err)
+	}
+	if af.o.Agent.Region == "" {
+		af.o.Agent.Region = "regionOne"
+	}
+	af.common = bf.common
+	if err := bf.finish(); err != nil {
+		return usageError{err}
+	}
+	if err := af.finish(); err != nil {
+		return usageError{err}
+	}
+	log, err := bf.logger(stderr)
+	if err != nil {
+		return err
+	}
+	af.o.Agent.Stream = bf.b.Stream.Name
+	o := app.AllInOneOptions{
+		Bridge: app.BridgeOptions{Bridge: bf.b, NATS: bf.nats, Embedded: bf.embedded, HTTPAddr: bf.httpAddr, ShutdownTimeout: bf.shutdown},
+		Agent:  af.o,
+	}
+	if bf.revoke.URL != "" {
+		r := bf.revoke
+		o.Bridge.Revoke = &r
+	}
+	return app.RunAllInOne(ctx, o, log)
 }

@@ -143,10 +143,7 @@ func RunBridge(ctx context.Context, o BridgeOptions, log *slog.Logger) error {
 	if err := o.Validate(); err != nil {
 		return err
 	}
-	reg := o.Registry
-	if reg == nil {
-		reg = newRegistry()
-	}
+	reg := registry(o.Registry)
 	nc, comps, err := connectNATS(ctx, o.NATS, o.Embedded, "keystone-fanout-bridge", log)
 	if err != nil {
 		return err

@@ -27,10 +27,17 @@ type component struct {
 // DefaultShutdownTimeout bounds the whole stop of a process.
 const DefaultShutdownTimeout = 30 * time.Second
 
-// newRegistry returns a registry with the Go runtime and process collectors.
-func newRegistry() *prometheus.Registry {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+// registry returns reg, or a new registry when it is nil, with the Go runtime
+// and process collectors added (once).
+func registry(reg *prometheus.Registry) *prometheus.Registry {
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	for _, c := range []prometheus.Collector{collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
+		if err := reg.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
+			panic(err) // collectors of the client library itself: cannot fail
+		}
+	}
 	return reg
 }
 

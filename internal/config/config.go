@@ -16,6 +16,7 @@ import (
 	"io"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -200,4 +201,74 @@ func splitList(v string) []string {
 		}
 	}
 	return out
+}
+
+// Seconds registers a duration flag that also accepts a bare number of
+// seconds, as OpenStack configuration files give durations ("300" or "5m").
+func (s *Set) Seconds(p *time.Duration, name string, def time.Duration, usage string) {
+	*p = def
+	s.fs.Var((*seconds)(p), name, usage+" (seconds, or a duration such as 5m)")
+}
+
+type seconds time.Duration
+
+func (d *seconds) String() string {
+	if d == nil {
+		return ""
+	}
+	return time.Duration(*d).String()
+}
+
+func (d *seconds) Set(v string) error {
+	v = strings.TrimSpace(v)
+	if n, err := strconv.ParseFloat(v, 64); err == nil {
+		if n < 0 {
+			return fmt.Errorf("%q is negative", v)
+		}
+		*d = seconds(time.Duration(n * float64(time.Second)))
+		return nil
+	}
+	x, err := time.ParseDuration(v)
+	if err != nil {
+		return fmt.Errorf("%q is neither a number of seconds nor a duration", v)
+	}
+	*d = seconds(x)
+	return nil
+}
+
+// Durations registers a repeatable list of durations ("10s,30s,1m").
+func (s *Set) Durations(p *[]time.Duration, name string, def []time.Duration, usage string) {
+	*p = append([]time.Duration(nil), def...)
+	s.fs.Var(&durations{target: p}, name, usage+" (comma-separated durations)")
+}
+
+type durations struct {
+	target *[]time.Duration
+	set    bool
+}
+
+func (d *durations) String() string {
+	if d == nil || d.target == nil {
+		return ""
+	}
+	parts := make([]string, len(*d.target))
+	for i, x := range *d.target {
+		parts[i] = x.String()
+	}
+	return strings.Join(parts, ",")
+}
+
+func (d *durations) Set(v string) error {
+	if !d.set {
+		*d.target = nil
+		d.set = true
+	}
+	for _, part := range splitList(v) {
+		x, err := time.ParseDuration(part)
+		if err != nil {
+			return err
+		}
+		*d.target = append(*d.target, x)
+	}
+	return nil
 }

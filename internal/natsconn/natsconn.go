@@ -99,6 +99,10 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 		nats.MaxPingsOutstanding(3),
 		nats.RetryOnFailedConnect(false),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err == nil { // closed on purpose
+				log.Debug("NATS connection closed")
+				return
+			}
 			log.Warn("NATS disconnected", "err", err)
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {

@@ -1,0 +1,254 @@
+package app
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/keystone-fanout/keystone-fanout/bridge"
+	"github.com/keystone-fanout/keystone-fanout/internal/memcache"
+	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
+	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
+	"github.com/keystone-fanout/keystone-fanout/regionagent"
+)
+
+func amqpURL() string {
+	if u := os.Getenv("KEYSTONE_FANOUT_TEST_AMQP_URL"); u != "" {
+		return u
+	}
+	return "amqp://guest:guest@127.0.0.1:5672/"
+}
+
+func suffix() string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func testLog(t testing.TB) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// eventually polls cond until it holds or timeout passes; then it fails with
+// what was expected and what was last seen.
+func eventually(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, seen := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: expected %s; saw %s", timeout, what, seen)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func httpGet(url string) (int, string) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestAllInOneRemovesARevokedUsersEntries runs the whole daemon in-process:
+// embedded NATS on a random port, the bridge on a real RabbitMQ, an agent on
+// real memcached servers holding entries written by keystonemiddleware's own
+// code, HTTP on port 0 and a registry of its own. A user update published as
+// Keystone publishes it removes that user's entries and nothing else, and the
+// daemon stops cleanly when its context ends.
+func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
+	servers := memcachetest.Start(t, 2)
+	cache := kmwtest.Start(t, memcachetest.Addrs(servers), kmwtest.None, "", 0)
+	gen := kmwtest.NewGen(1)
+	revoked, other := gen.ID(), gen.ID()
+	project := gen.ID()
+	var revokedTokens, otherTokens []string
+	var entries []kmwtest.Entry
+	for i := 0; i < 5; i++ {
+		for _, u := range []string{revoked, other} {
+			e := gen.Entry(kmwtest.Spec{UserID: u, UserDomainID: "default", ProjectID: project, ProjectDomainID: "default",
+				Roles: []kmwtest.Role{{ID: "r1", Name: "member"}}})
+			entries = append(entries, e)
+			if u == revoked {
+				revokedTokens = append(revokedTokens, e.TokenID)
+			} else {
+				otherTokens = append(otherTokens, e.TokenID)
+			}
+		}
+	}
+	for _, w := range cache.Write(entries) {
+		if !w.Stored {
+			t.Fatalf("the middleware did not store %s", w.TokenID)
+		}
+	}
+
+	s := suffix()
+	exchange, queue := "app-test-x-"+s, "app-test-q-"+s
+	reg := prometheus.NewRegistry()
+	addr := make(chan string, 1)
+	o := AllInOneOptions{
+		Bridge: BridgeOptions{
+			Bridge:   bridge.Options{AMQPURLs: []string{amqpURL()}, Exchange: exchange, Queue: queue, QueueType: bridge.QueueClassic},
+			Embedded: natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir()},
+			HTTPAddr: "127.0.0.1:0", Registry: reg, OnListen: func(a string) { addr <- a },
+			ShutdownTimeout: 20 * time.Second,
+		},
+		Agent: AgentOptions{
+			Agent:        regionagent.Options{Region: "regionTwo", SecondPassDelay: 200 * time.Millisecond},
+			Memcache:     memcache.Options{Servers: memcachetest.List(servers)},
+			Invalidation: tokencache.Options{Strategy: tokencache.Targeted},
+		},
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- RunAllInOne(ctx, o, testLog(t)) }()
+	t.Cleanup(func() {
+		cancel()
+		deleteAMQP(t, exchange, queue)
+	})
+	var base string
+	select {
+	case a := <-addr:
+		base = "http://" + a
+	case err := <-done:
+		t.Fatalf("daemon exited before listening: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("daemon did not listen within 20s")
+	}
+	eventually(t, 30*time.Second, "/readyz to answer 200", func() (bool, string) {
+		code, body := httpGet(base + "/readyz")
+		return code == 200, fmt.Sprintf("%d %s", code, body)
+	})
+
+	publishKeystone(t, exchange, "identity.user.updated", revoked)
+
+	eventually(t, 30*time.Second, "every entry of the revoked user gone", func() (bool, string) {
+		left := cache.Read(revokedTokens)
+		return len(left) == 0, fmt.Sprintf("%d of %d still cached", len(left), len(revokedTokens))
+	})
+	if kept := cache.Read(otherTokens); len(kept) != len(otherTokens) {
+		t.Fatalf("entries of another user: %d of %d kept, want all", len(kept), len(otherTokens))
+	}
+	_, metrics := httpGet(base + "/metrics")
+	for _, want := range []string{"keystone_fanout_bridge_published_total 1", "go_goroutines", "process_resident_memory_bytes"} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics has no %q", want)
+		}
+	}
+	if code, _ := httpGet(base + "/healthz"); code != 200 {
+		t.Errorf("/healthz = %d, want 200", code)
+	}
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("stop returned %v, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("daemon did not stop within 30s of its context ending")
+	}
+}
+
+// publishKeystone publishes a basic-format notification as Keystone does.
+func publishKeystone(t testing.TB, exchange, eventType, id string) {
+	t.Helper()
+	inner, _ := json.Marshal(map[string]any{
+		"message_id": "m-" + suffix(), "publisher_id": "identity.test", "event_type": eventType,
+		"priority": "INFO", "payload": map[string]any{"resource_info": id},
+		"timestamp": time.Now().UTC().Format("2006-01-02 15:04:05.000000"),
+	})
+	body, _ := json.Marshal(map[string]string{"oslo.version": "2.0", "oslo.message": string(inner)})
+	conn, err := amqp.Dial(amqpURL())
+	if err != nil {
+		t.Fatalf("RabbitMQ at %s: %v", amqpURL(), err)
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = ch.PublishWithContext(context.Background(), exchange, "notifications.info", false, false, amqp.Publishing{
+		ContentType: "application/json", ContentEncoding: "utf-8", DeliveryMode: 2, Body: body,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func deleteAMQP(t testing.TB, exchange, queue string) {
+	conn, err := amqp.Dial(amqpURL())
+	if err != nil {
+		t.Logf("cleaning up: %v", err)
+		return
+	}
+	defer conn.Close()
+	if ch, err := conn.Channel(); err == nil {
+		_, _ = ch.QueueDelete(queue, false, false, false)
+		_ = ch.ExchangeDelete(exchange, false, false)
+	}
+}
+
+func TestValidationNamesTheFlagBeforeConnecting(t *testing.T) {
+	tests := []struct {
+		name string
+		run  func() error
+		want []string
+	}{
+		{"bridge without a data dir for the embedded server", func() error {
+			return RunBridge(context.Background(), BridgeOptions{Bridge: bridge.Options{AMQPURLs: []string{"amqp://h/"}}}, testLog(t))
+		}, []string{"--data-dir"}},
+		{"bridge with a bad AMQP scheme", func() error {
+			return RunBridge(context.Background(), BridgeOptions{Bridge: bridge.Options{AMQPURLs: []string{"http://h/"}},
+				NATS: natsconn.Options{URL: "nats://127.0.0.1:1"}}, testLog(t))
+		}, []string{"--amqp-url"}},
+		{"agent without region or memcached", func() error {
+			return RunAgent(context.Background(), AgentOptions{NATS: natsconn.Options{URL: "nats://127.0.0.1:1"}}, testLog(t))
+		}, []string{"--region", "--memcached"}},
+		{"agent with an unknown strategy", func() error {
+			return RunAgent(context.Background(), AgentOptions{Agent: regionagent.Options{Region: "r"}, Memcache: memcache.Options{Servers: "127.0.0.1:1"},
+				Invalidation: tokencache.Options{Strategy: "purge"}, NATS: natsconn.Options{URL: "nats://127.0.0.1:1"}}, testLog(t))
+		}, []string{"--strategy"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			start := time.Now()
+			err := tt.run()
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not name %s", err, w)
+				}
+			}
+			if d := time.Since(start); d > 2*time.Second {
+				t.Errorf("validation took %s: it must fail before connecting anywhere", d)
+			}
+		})
+	}
+}

@@ -1,0 +1,4 @@
+package memcache
+
+// ParseMetaLine exposes parseMetaLine to the tests.
+var ParseMetaLine = parseMetaLine

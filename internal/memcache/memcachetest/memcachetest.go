@@ -1,0 +1,294 @@
+// Package memcachetest runs real memcached processes (/usr/bin/memcached) for
+// tests, on free loopback ports, and kills them when the test ends. A missing
+// memcached binary fails the test: tests never skip for lack of a service.
+package memcachetest
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Binary is the memcached executable the helpers run.
+var Binary = "/usr/bin/memcached"
+
+// Options tune the servers Start runs.
+type Options struct {
+	// MemoryMB is memcached -m. Default 64.
+	MemoryMB int
+	// TLS starts the servers with -Z and a certificate for "localhost" and
+	// 127.0.0.1 signed by a fresh CA (written to Server.CAFile).
+	TLS bool
+	// Args are extra memcached arguments.
+	Args []string
+}
+
+// Server is one memcached process.
+type Server struct {
+	// Addr is "127.0.0.1:<port>", stable across Restart.
+	Addr string
+	// CAFile is the PEM CA that signed the server certificate (TLS only).
+	CAFile string
+
+	t      testing.TB
+	args   []string
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	done   chan struct{}
+	stderr *bytes.Buffer
+}
+
+// Start runs n memcached servers with default options.
+func Start(t testing.TB, n int) []*Server { return StartWith(t, n, Options{}) }
+
+// StartWith runs n memcached servers. Each is killed when the test ends.
+func StartWith(t testing.TB, n int, o Options) []*Server {
+	t.Helper()
+	if _, err := os.Stat(Binary); err != nil {
+		t.Fatalf("memcachetest: %s is required (apt-get install memcached): %v", Binary, err)
+	}
+	if o.MemoryMB == 0 {
+		o.MemoryMB = 64
+	}
+	var tlsArgs []string
+	var caFile string
+	if o.TLS {
+		caFile, tlsArgs = makeCerts(t)
+	}
+	out := make([]*Server, 0, n)
+	for range n {
+		s := &Server{t: t, CAFile: caFile}
+		var lastErr error
+		for attempt := 0; attempt < 5; attempt++ {
+			port, err := freePort()
+			if err != nil {
+				t.Fatalf("memcachetest: finding a free port: %v", err)
+			}
+			s.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+			s.args = []string{"-p", strconv.Itoa(port), "-l", "127.0.0.1", "-U", "0",
+				"-m", strconv.Itoa(o.MemoryMB), "-c", "1024", "-t", "2"}
+			if os.Geteuid() == 0 {
+				s.args = append(s.args, "-u", "root")
+			}
+			s.args = append(s.args, tlsArgs...)
+			s.args = append(s.args, o.Args...)
+			if lastErr = s.start(); lastErr == nil {
+				break
+			}
+		}
+		if lastErr != nil {
+			t.Fatalf("memcachetest: starting memcached: %v", lastErr)
+		}
+		t.Cleanup(s.Stop)
+		out = append(out, s)
+	}
+	return out
+}
+
+// List returns the servers as a memcached_servers string
+// ("127.0.0.1:p1,127.0.0.1:p2").
+func List(servers []*Server) string {
+	addrs := make([]string, len(servers))
+	for i, s := range servers {
+		addrs[i] = s.Addr
+	}
+	return strings.Join(addrs, ",")
+}
+
+// Addrs returns the servers' addresses.
+func Addrs(servers []*Server) []string {
+	addrs := make([]string, len(servers))
+	for i, s := range servers {
+		addrs[i] = s.Addr
+	}
+	return addrs
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func (s *Server) start() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cmd := exec.Command(Binary, s.args...)
+	var stderr bytes.Buffer
+	cmd.Stdout = &stderr
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		select {
+		case <-done:
+			return fmt.Errorf("memcached %v exited: %s", s.args, strings.TrimSpace(stderr.String()))
+		default:
+		}
+		if ping(s.Addr, s.CAFile != "") == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			<-done
+			return fmt.Errorf("memcached on %s did not answer within 10s: %s", s.Addr, stderr.String())
+		}
+		time.Sleep(10 * time.Millisecond) // polling for readiness of an external process
+	}
+	s.cmd, s.done, s.stderr = cmd, done, &stderr
+	return nil
+}
+
+// ping connects and runs "version" (for TLS servers only a TCP connect).
+func ping(addr string, tlsOn bool) error {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if tlsOn {
+		return nil
+	}
+	c.SetDeadline(time.Now().Add(time.Second))
+	if _, err := c.Write([]byte("version\r\n")); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if !strings.HasPrefix(line, "VERSION ") {
+		return fmt.Errorf("unexpected answer %q", line)
+	}
+	return nil
+}
+
+// Stop kills the server (SIGKILL, as a crash) and waits for it. Its port is
+// then closed: clients get "connection refused". Stop on a stopped server
+// does nothing.
+func (s *Server) Stop() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil {
+		return
+	}
+	s.cmd.Process.Signal(syscall.SIGCONT) // a paused process must run to die
+	s.cmd.Process.Kill()
+	<-s.done
+	s.cmd = nil
+}
+
+// Restart starts a stopped server again on the same port, with an empty
+// cache. It stops it first if it is running.
+func (s *Server) Restart() {
+	s.t.Helper()
+	s.Stop()
+	var err error
+	for attempt := 0; attempt < 50; attempt++ {
+		if err = s.start(); err == nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond) // the port may linger briefly after a kill
+	}
+	s.t.Fatalf("memcachetest: restarting %s: %v", s.Addr, err)
+}
+
+// Pause freezes the server (SIGSTOP): connections are accepted by the
+// kernel but nothing is answered, like a hung server. Resume undoes it.
+func (s *Server) Pause() { s.signal(syscall.SIGSTOP) }
+
+// Resume continues a paused server (SIGCONT) with its cache intact.
+func (s *Server) Resume() { s.signal(syscall.SIGCONT) }
+
+func (s *Server) signal(sig syscall.Signal) {
+	s.t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil {
+		s.t.Fatalf("memcachetest: %s is not running", s.Addr)
+	}
+	if err := s.cmd.Process.Signal(sig); err != nil {
+		s.t.Fatalf("memcachetest: signalling %s: %v", s.Addr, err)
+	}
+}
+
+// Running reports whether the process is running.
+func (s *Server) Running() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cmd != nil
+}
+
+// makeCerts writes a CA and a server certificate for localhost/127.0.0.1 and
+// returns the CA file and the memcached TLS arguments.
+func makeCerts(t testing.TB) (string, []string) {
+	t.Helper()
+	dir := t.TempDir()
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "memcachetest CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IsCA:                  true,
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatalf("memcachetest: CA: %v", err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatalf("memcachetest: server certificate: %v", err)
+	}
+	keyDER, _ := x509.MarshalECPrivateKey(key)
+	caFile := filepath.Join(dir, "ca.pem")
+	certFile := filepath.Join(dir, "server.pem")
+	keyFile := filepath.Join(dir, "server-key.pem")
+	write := func(path, typ string, b []byte) {
+		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
+			t.Fatalf("memcachetest: %v", err)
+		}
+	}
+	write(caFile, "CERTIFICATE", caDER)
+	write(certFile, "CERTIFICATE", der)
+	write(keyFile, "EC PRIVATE KEY", keyDER)
+	return caFile, []string{"-Z", "-o", "ssl_chain_cert=" + certFile + ",ssl_key=" + keyFile}
+}

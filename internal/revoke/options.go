@@ -1,0 +1,266 @@
+package revoke
+
+import (
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+)
+
+// Defaults of Options.
+const (
+	DefaultDomain         = "Default"
+	DefaultPollInterval   = time.Second
+	DefaultOverlap        = 30 * time.Second
+	DefaultRequestTimeout = 10 * time.Second
+	DefaultMaxBackoff     = 30 * time.Second
+	DefaultSubjectPrefix  = "keystone"
+	DefaultBucket         = "keystone-fanout-revoke"
+	DefaultKey            = "position"
+	DefaultReauthBefore   = 5 * time.Minute
+	// MinPollInterval is the shortest poll interval Validate accepts.
+	MinPollInterval = 100 * time.Millisecond
+	// MinOverlap is the shortest overlap Validate accepts.
+	MinOverlap = time.Second
+)
+
+// Options configures a Poller. The bridge fills it from its flags; every field
+// names the flag it comes from, and Validate's errors name the flag to fix.
+//
+// Authenticate either with a password (Username, Password or PasswordFile,
+// Project) or with an application credential (AppCredID, AppCredSecret or
+// AppCredSecretFile). The user needs a role that Keystone's policy
+// identity:list_revoke_events accepts: by default "admin" or "service" on the
+// project it is scoped to (see docs/REVOCATION.md).
+type Options struct {
+	// URL is Keystone's v3 endpoint, e.g. "http://keystone:5000/v3"
+	// (--keystone-url). Required.
+	URL string
+
+	// Username (--keystone-username), in UserDomain (--keystone-user-domain,
+	// a domain name, default "Default"), authenticates with a password.
+	Username   string
+	UserDomain string
+	// Password is the password itself (the bridge reads
+	// --keystone-password-file into it), or PasswordFile names a file holding
+	// it, read at every authentication so that it can be rotated in place;
+	// trailing newlines are removed. Exactly one is required with Username.
+	Password     string
+	PasswordFile string
+	// Project (--keystone-project, a name) in ProjectDomain
+	// (--keystone-project-domain, a domain name, default "Default") is the
+	// scope of the token. Required with Username.
+	Project       string
+	ProjectDomain string
+
+	// AppCredID (--keystone-app-cred-id) authenticates with an application
+	// credential instead; its secret is AppCredSecret, or is read from
+	// AppCredSecretFile (--keystone-app-cred-secret-file) at every
+	// authentication.
+	AppCredID         string
+	AppCredSecret     string
+	AppCredSecretFile string
+
+	// CAFile (--keystone-ca-file) is a PEM bundle of the CAs that Keystone's
+	// certificate is checked against, instead of the system's. Only with https.
+	CAFile string
+
+	// PollInterval (--revocation-poll-interval) is the time between two
+	// successful polls. Default 1 s, at least 100 ms.
+	PollInterval time.Duration
+	// Overlap is how far before the newest revoked_at already published each
+	// poll asks again ("since" = position - Overlap). Keystone stores revoked_at
+	// to the second and several Keystone nodes commit events out of order; an
+	// event that becomes visible later than Overlap after its revoked_at would
+	// be missed, so Overlap must exceed Keystone's clock skew plus its longest
+	// transaction. Events seen twice are recognised by their id and published
+	// once. Default 30 s, at least 1 s.
+	Overlap time.Duration
+	// RequestTimeout bounds each request to Keystone and each publish. Default
+	// 10 s.
+	RequestTimeout time.Duration
+	// MaxBackoff caps the wait between attempts after errors; the wait starts
+	// at PollInterval and doubles. Default 30 s.
+	MaxBackoff time.Duration
+	// ReauthBefore is how long before its token expires the poller
+	// authenticates again. It is capped at half the token's lifetime. Default
+	// 5 min.
+	ReauthBefore time.Duration
+
+	// SubjectPrefix is the first token of the subjects events are published on
+	// ("<prefix>.revocation"). Default "keystone".
+	SubjectPrefix string
+	// Bucket and Key name the JetStream key-value entry holding the poller's
+	// position; replicas of the bridge share it. Default
+	// "keystone-fanout-revoke" and "position". The bucket is created when
+	// missing, with BucketReplicas replicas (default 1).
+	Bucket         string
+	Key            string
+	BucketReplicas int
+
+	// Now returns the current time; tests replace it. Default time.Now.
+	Now func() time.Time
+}
+
+func (o *Options) setDefaults() {
+	if o.UserDomain == "" {
+		o.UserDomain = DefaultDomain
+	}
+	if o.ProjectDomain == "" {
+		o.ProjectDomain = DefaultDomain
+	}
+	if o.PollInterval == 0 {
+		o.PollInterval = DefaultPollInterval
+	}
+	if o.Overlap == 0 {
+		o.Overlap = DefaultOverlap
+	}
+	if o.RequestTimeout == 0 {
+		o.RequestTimeout = DefaultRequestTimeout
+	}
+	if o.MaxBackoff == 0 {
+		o.MaxBackoff = DefaultMaxBackoff
+	}
+	if o.ReauthBefore == 0 {
+		o.ReauthBefore = DefaultReauthBefore
+	}
+	if o.SubjectPrefix == "" {
+		o.SubjectPrefix = DefaultSubjectPrefix
+	}
+	if o.Bucket == "" {
+		o.Bucket = DefaultBucket
+	}
+	if o.Key == "" {
+		o.Key = DefaultKey
+	}
+	if o.BucketReplicas == 0 {
+		o.BucketReplicas = 1
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+}
+
+// Validate checks the options (with defaults applied) without connecting to
+// anything. It reads PasswordFile, AppCredSecretFile and CAFile to check that
+// they are usable. Every error names the flag to fix.
+func (o Options) Validate() error {
+	o.setDefaults()
+	var errs []error
+	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
+	u, err := url.Parse(o.URL)
+	switch {
+	case o.URL == "":
+		add("--keystone-url is required: Keystone's v3 endpoint, e.g. http://keystone:5000/v3")
+	case err != nil:
+		add("--keystone-url %q: %v", o.URL, err)
+	case u.Scheme != "http" && u.Scheme != "https":
+		add("--keystone-url %q: scheme must be http or https", o.URL)
+	case u.Host == "":
+		add("--keystone-url %q: no host", o.URL)
+	case !strings.HasSuffix(strings.TrimRight(u.Path, "/"), "/v3"):
+		add("--keystone-url %q: give the v3 endpoint, ending in /v3 (e.g. %s://%s/v3)", o.URL, u.Scheme, u.Host)
+	case u.RawQuery != "" || u.Fragment != "":
+		add("--keystone-url %q: remove the query or fragment", o.URL)
+	}
+
+	password := o.Username != ""
+	appCred := o.AppCredID != ""
+	switch {
+	case password && appCred:
+		add("--keystone-username and --keystone-app-cred-id are both set: choose password or application credential authentication")
+	case !password && !appCred:
+		add("no Keystone credentials: set --keystone-username with --keystone-password-file and --keystone-project, or --keystone-app-cred-id with --keystone-app-cred-secret-file")
+	case password:
+		if o.Password != "" && o.PasswordFile != "" {
+			add("the Keystone password is given twice: use --keystone-password-file only")
+		} else if o.Password == "" && o.PasswordFile == "" {
+			add("--keystone-password-file is required with --keystone-username")
+		} else if o.PasswordFile != "" {
+			if _, err := readSecret(o.PasswordFile); err != nil {
+				add("--keystone-password-file: %v", err)
+			}
+		}
+		if o.Project == "" {
+			add("--keystone-project is required with --keystone-username: listing revocation events needs a project-scoped token with the admin or service role")
+		}
+	case appCred:
+		if o.AppCredSecret != "" && o.AppCredSecretFile != "" {
+			add("the application credential secret is given twice: use --keystone-app-cred-secret-file only")
+		} else if o.AppCredSecret == "" && o.AppCredSecretFile == "" {
+			add("--keystone-app-cred-secret-file is required with --keystone-app-cred-id")
+		} else if o.AppCredSecretFile != "" {
+			if _, err := readSecret(o.AppCredSecretFile); err != nil {
+				add("--keystone-app-cred-secret-file: %v", err)
+			}
+		}
+		if o.Project != "" {
+			add("--keystone-project is not used with --keystone-app-cred-id (an application credential is scoped already): remove it")
+		}
+	}
+	if !password && o.PasswordFile != "" {
+		add("--keystone-password-file is set without --keystone-username")
+	}
+	if !appCred && o.AppCredSecretFile != "" {
+		add("--keystone-app-cred-secret-file is set without --keystone-app-cred-id")
+	}
+
+	if o.CAFile != "" {
+		if u != nil && u.Scheme == "http" {
+			add("--keystone-ca-file is set but --keystone-url is http: use https or remove the CA file")
+		}
+		if _, err := loadCAFile(o.CAFile); err != nil {
+			add("--keystone-ca-file: %v", err)
+		}
+	}
+
+	if o.PollInterval < MinPollInterval {
+		add("--revocation-poll-interval %s: must be at least %s", o.PollInterval, MinPollInterval)
+	}
+	if o.Overlap < MinOverlap {
+		add("revocation overlap %s: must be at least %s (Keystone stores revoked_at to the second and lists only events after \"since\")", o.Overlap, MinOverlap)
+	}
+	if o.RequestTimeout < 0 || o.MaxBackoff < 0 || o.ReauthBefore < 0 {
+		add("revocation timeouts must not be negative")
+	}
+	if strings.ContainsAny(o.SubjectPrefix, " \t\r\n*>") || strings.HasPrefix(o.SubjectPrefix, ".") ||
+		strings.HasSuffix(o.SubjectPrefix, ".") || strings.Contains(o.SubjectPrefix, "..") {
+		add("subject prefix %q: not a valid NATS subject prefix", o.SubjectPrefix)
+	}
+	if strings.ContainsAny(o.Bucket, " \t\r\n*>.") {
+		add("position bucket %q: not a valid key-value bucket name", o.Bucket)
+	}
+	if o.BucketReplicas < 1 || o.BucketReplicas > 5 {
+		add("position bucket replicas %d: must be 1 to 5", o.BucketReplicas)
+	}
+	return errors.Join(errs...)
+}
+
+// readSecret reads a secret from a file, without trailing newlines.
+func readSecret(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	s := strings.TrimRight(string(b), "\r\n")
+	if s == "" {
+		return "", fmt.Errorf("%s is empty", path)
+	}
+	return s, nil
+}
+
+func loadCAFile(path string) (*x509.CertPool, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", path)
+	}
+	return pool, nil
+}

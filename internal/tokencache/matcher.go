@@ -1,0 +1,282 @@
+package tokencache
+
+import (
+	"slices"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+)
+
+// matcher evaluates a batch of events against index entries. It is built
+// once per batch from the events' predicates (compile), with the clause ids
+// hashed like the entries' fields, and indexed by (field, hash) so that the
+// cost per entry does not grow with the number of events. It is read-only
+// once built and shared by the servers' workers.
+type matcher struct {
+	events []event.Event
+	// all is the first event that removes every token, -1 if none.
+	all int32
+
+	// Notification rules: any clause.
+	orKeys    map[uint64]int32 // (field, hash) -> first event with such a clause
+	orBloom   uint64
+	orPresent [nFields]int32 // presence clauses, per field
+	orRole    int32          // first event with a role clause (entries with unknown roles)
+	orAudit   int32          // first event with an audit clause (entries with unknown audit ids)
+
+	// Revocation events: every clause. Each is found through its first
+	// (most selective) clause.
+	revs      map[int32]*hpred
+	revKeys   map[uint64][]int32
+	revBloom  uint64
+	revLinear []int32 // revocations without any id clause
+	revRole   []int32 // anchored on a role: for entries with unknown roles
+	revAudit  []int32 // anchored on an audit id: for entries with unknown audit ids
+}
+
+type hclause struct {
+	fields fieldSet
+	h      uint32 // 0: presence clause
+}
+
+type hpred struct {
+	and           []hclause
+	hasIssued     bool
+	issuedBefore  int64 // Unix seconds, rounded down
+	hasExpires    bool
+	expiresSecond int64
+}
+
+func key(f field, h uint32) uint64 { return uint64(f)<<32 | uint64(h) }
+
+func bloomBit(k uint64) uint64 { return 1 << ((k * 0x9e3779b97f4a7c15) >> 58) }
+
+func minEvent(a, b int32) int32 {
+	if a < 0 || (b >= 0 && b < a) {
+		return b
+	}
+	return a
+}
+
+func newMatcher(events []event.Event) *matcher {
+	m := &matcher{events: events, all: -1, orKeys: map[uint64]int32{}, orRole: -1, orAudit: -1,
+		revs: map[int32]*hpred{}, revKeys: map[uint64][]int32{}}
+	for f := range m.orPresent {
+		m.orPresent[f] = -1
+	}
+	for i := range events {
+		idx := int32(i)
+		p := compile(&events[i])
+		switch {
+		case p.all:
+			m.all = minEvent(m.all, idx)
+		case p.revocation:
+			hp := &hpred{}
+			if !p.issuedBefore.IsZero() {
+				hp.hasIssued, hp.issuedBefore = true, p.issuedBefore.Unix()
+			}
+			if p.expiresAt != nil {
+				hp.hasExpires, hp.expiresSecond = true, p.expiresAt.Unix()
+			}
+			for _, c := range p.and {
+				hp.and = append(hp.and, hclause{c.fields, hash32(c.id)})
+			}
+			m.revs[idx] = hp
+			if len(hp.and) == 0 {
+				m.revLinear = append(m.revLinear, idx)
+				continue
+			}
+			anchor := hp.and[0]
+			for f := field(0); f < nFields; f++ {
+				if anchor.fields.has(f) {
+					k := key(f, anchor.h)
+					m.revKeys[k] = append(m.revKeys[k], idx)
+					m.revBloom |= bloomBit(k)
+				}
+			}
+			if anchor.fields.has(fRole) {
+				m.revRole = append(m.revRole, idx)
+			}
+			if anchor.fields.has(fAudit) || anchor.fields.has(fAuditAny) {
+				m.revAudit = append(m.revAudit, idx)
+			}
+		default:
+			for _, c := range p.or {
+				h := hash32(c.id)
+				for f := field(0); f < nFields; f++ {
+					if !c.fields.has(f) {
+						continue
+					}
+					switch f {
+					case fRole:
+						m.orRole = minEvent(m.orRole, idx)
+					case fAudit, fAuditAny:
+						m.orAudit = minEvent(m.orAudit, idx)
+					}
+					if h == 0 {
+						m.orPresent[f] = minEvent(m.orPresent[f], idx)
+						continue
+					}
+					k := key(f, h)
+					if old, ok := m.orKeys[k]; !ok || idx < old {
+						m.orKeys[k] = idx
+					}
+					m.orBloom |= bloomBit(k)
+				}
+			}
+		}
+	}
+	return m
+}
+
+// reason is the metric label and Removal.Reason for event i.
+func (m *matcher) reason(i int32) string {
+	e := &m.events[i]
+	switch {
+	case e.Unbounded():
+		return "unbounded"
+	case e.Kind == event.KindRevocation:
+		return "revocation"
+	}
+	return e.Type // one of event.KnownTypes: bounded
+}
+
+// entryKeys appends the (field, hash) keys of a readable entry to buf.
+func entryKeys(ix *serverIndex, en *entry, buf []uint64) []uint64 {
+	for f := field(0); f < nIDFields; f++ {
+		if v := en.ids[f]; v != 0 {
+			buf = append(buf, key(f, v))
+		}
+	}
+	if en.roles != roleSetUnknown {
+		for _, r := range ix.roles.set(en.roles) {
+			buf = append(buf, key(fRole, r))
+		}
+	}
+	if en.flags&auditUnknown == 0 {
+		if en.audit != 0 {
+			buf = append(buf, key(fAudit, en.audit), key(fAuditAny, en.audit))
+		}
+		if en.chain != 0 {
+			buf = append(buf, key(fAuditAny, en.chain))
+		}
+	}
+	return buf
+}
+
+// match returns the first event that concerns a readable entry, or -1. buf
+// is scratch space, returned for reuse.
+func (m *matcher) match(ix *serverIndex, en *entry, buf []uint64) (int32, []uint64) {
+	if m.all >= 0 {
+		return m.all, buf
+	}
+	buf = entryKeys(ix, en, buf[:0])
+	best := int32(-1)
+	if m.orBloom != 0 {
+		for _, k := range buf {
+			if m.orBloom&bloomBit(k) != 0 {
+				if i, ok := m.orKeys[k]; ok {
+					best = minEvent(best, i)
+				}
+			}
+		}
+	}
+	for f := field(0); f < nIDFields; f++ {
+		if m.orPresent[f] >= 0 && en.ids[f] != 0 {
+			best = minEvent(best, m.orPresent[f])
+		}
+	}
+	if en.roles == roleSetUnknown {
+		best = minEvent(best, m.orRole)
+	} else if m.orPresent[fRole] >= 0 && en.roles != 0 {
+		best = minEvent(best, m.orPresent[fRole])
+	}
+	if en.flags&auditUnknown != 0 {
+		best = minEvent(best, m.orAudit)
+	} else if en.audit != 0 {
+		best = minEvent(best, m.orPresent[fAudit])
+		best = minEvent(best, m.orPresent[fAuditAny])
+	}
+	if best >= 0 || len(m.revs) == 0 {
+		return best, buf
+	}
+	check := func(i int32) {
+		if (best < 0 || i < best) && m.revs[i].matchEntry(ix, en) {
+			best = i
+		}
+	}
+	if m.revBloom != 0 {
+		for _, k := range buf {
+			if m.revBloom&bloomBit(k) != 0 {
+				for _, i := range m.revKeys[k] {
+					check(i)
+				}
+			}
+		}
+	}
+	for _, i := range m.revLinear {
+		check(i)
+	}
+	if en.roles == roleSetUnknown {
+		for _, i := range m.revRole {
+			check(i)
+		}
+	}
+	if en.flags&auditUnknown != 0 {
+		for _, i := range m.revAudit {
+			check(i)
+		}
+	}
+	return best, buf
+}
+
+func (p *hpred) matchEntry(ix *serverIndex, en *entry) bool {
+	if p.hasIssued && en.issued != 0 && int64(en.issued) > p.issuedBefore {
+		return false // issued after the event: not revoked
+	}
+	if p.hasExpires && en.expires != 0 && int64(en.expires) != p.expiresSecond {
+		return false
+	}
+	for i := range p.and {
+		if !p.and[i].matchEntry(ix, en) {
+			return false
+		}
+	}
+	return true
+}
+
+func (c *hclause) matchEntry(ix *serverIndex, en *entry) bool {
+	for f := field(0); f < nFields; f++ {
+		if !c.fields.has(f) {
+			continue
+		}
+		switch f {
+		case fRole:
+			if en.roles == roleSetUnknown {
+				return true
+			}
+			set := ix.roles.set(en.roles)
+			if c.h == 0 && len(set) > 0 {
+				return true
+			}
+			if _, ok := slices.BinarySearch(set, c.h); ok && c.h != 0 {
+				return true
+			}
+		case fAudit, fAuditAny:
+			if en.flags&auditUnknown != 0 {
+				return true
+			}
+			if c.h == 0 && en.audit != 0 || c.h != 0 && en.audit == c.h {
+				return true
+			}
+			if f == fAuditAny && c.h != 0 && en.chain == c.h {
+				return true
+			}
+		default:
+			v := en.ids[f]
+			if c.h == 0 && v != 0 || c.h != 0 && v == c.h {
+				return true
+			}
+		}
+	}
+	return false
+}

@@ -1,0 +1,310 @@
+package tokencache
+
+import (
+	"crypto/rand"
+
+	"encoding/base64"
+	"errors"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
+)
+
+func TestIsTokenKey(t *testing.T) {
+	hex64 := strings.Repeat("0123456789abcdef", 4)
+	cases := []struct {
+		name string
+		key  string
+		want KeyKind
+	}{
+		{"none strategy", "tokens/" + hex64, KeyNone},
+		{"mac/encrypt strategy", "tokens/b'JsGjdnh4i3JEQ0jIu45y5g=='", KeySecure},
+		{"mac key with + and /", "tokens/b'+/Gjdnh4i3JEQ0jIu45y5g=='", KeySecure},
+		{"uppercase hex is not hexdigest()", "tokens/" + strings.ToUpper(hex64), 0},
+		{"short hex", "tokens/" + hex64[:63], 0},
+		{"long hex", "tokens/" + hex64 + "0", 0},
+		{"other prefix", "token/" + hex64 + "0", 0},
+		{"double quotes", `tokens/b"JsGjdnh4i3JEQ0jIu45y5g=="`, 0},
+		{"missing closing quote", "tokens/b'JsGjdnh4i3JEQ0jIu45y5g==x", 0},
+		{"non-canonical base64 padding bits", "tokens/b'JsGjdnh4i3JEQ0jIu45y5h=='", 0},
+		{"base64 of 17 bytes", "tokens/b'JsGjdnh4i3JEQ0jIu45y5g0='", 0},
+		{"url-safe alphabet", "tokens/b'-_Gjdnh4i3JEQ0jIu45y5g=='", 0},
+		{"oslo.cache key", "e2c1c3e1c1f9d8b7a6", 0},
+		{"empty", "", 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := KindOf(tc.key); got != tc.want {
+				t.Fatalf("KindOf(%q) = %d, want %d", tc.key, got, tc.want)
+			}
+			if IsTokenKey(tc.key) != (tc.want != 0) {
+				t.Fatalf("IsTokenKey(%q) = %v", tc.key, !(tc.want != 0))
+			}
+			if tc.want != 0 {
+				k, _ := parseKey([]byte(tc.key))
+				if k.String() != tc.key {
+					t.Fatalf("round trip of %q gave %q", tc.key, k.String())
+				}
+			}
+		})
+	}
+}
+
+func secureValue(data []byte) []byte {
+	mac := base64.StdEncoding.EncodeToString(make([]byte, 48)) // 64 characters
+	return []byte(mac + base64.StdEncoding.EncodeToString(data))
+}
+
+func TestParseValue(t *testing.T) {
+	g := kmwtest.NewGen(7)
+	body := g.Body(kmwtest.Spec{UserID: "u1", UserDomainID: "d1", ProjectID: "p1", ProjectDomainID: "d1",
+		Roles: []kmwtest.Role{{ID: "r1", Name: "member"}, {ID: "r2", Name: "reader"}}, AuditIDs: []string{"a", "b"},
+		IssuedAt: time.Date(2026, 1, 2, 3, 4, 5, 123456000, time.UTC)})
+	cached := kmwtest.NoneValue("tok", body)
+	want := Token{UserID: "u1", UserDomainID: "d1", ProjectID: "p1", ProjectDomainID: "d1",
+		RoleIDs: []string{"r1", "r2"}, RoleNames: []string{"member", "reader"}, AuditIDs: []string{"a", "b"},
+		IssuedAt: time.Date(2026, 1, 2, 3, 4, 5, 123456000, time.UTC), ExpiresAt: time.Date(2026, 1, 2, 4, 4, 5, 123456000, time.UTC),
+		Methods: []string{"password"}}
+	random := make([]byte, 64)
+	rand.Read(random)
+	random[0] = 0x42 // not '{' or '['
+
+	cases := []struct {
+		name    string
+		kind    KeyKind
+		flags   uint32
+		value   []byte
+		want    *Token
+		wantErr bool
+	}{
+		{"none strategy JSON", KeyNone, 0, cached, &want, false},
+		{"text flag", KeyNone, 16, cached, &want, false},
+		{"mac strategy", KeySecure, 0, secureValue(cached), &want, false},
+		{"legacy (data, expires) pair", KeyNone, 0, []byte(`[` + string(cached) + `, 12345]`), &want, false},
+		{"encrypt strategy", KeySecure, 0, secureValue(random), nil, true},
+		{"pickled", KeyNone, 1, cached, nil, true},
+		{"compressed", KeyNone, 8, cached, nil, true},
+		{"not JSON", KeyNone, 0, []byte("garbage"), nil, true},
+		{"no user id", KeyNone, 0, []byte(`{"token": {"project": {"id": "p1"}}}`), nil, true},
+		{"secure value too short", KeySecure, 0, []byte("abc"), nil, true},
+		{"secure value not base64", KeySecure, 0, append(secureValue(nil), '!', '!'), nil, true},
+		{"truncated JSON", KeyNone, 0, cached[:len(cached)/2], nil, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ParseValue(tc.kind, tc.flags, tc.value)
+			if tc.wantErr {
+				if !errors.Is(err, ErrUnreadable) {
+					t.Fatalf("ParseValue = %+v, %v; want ErrUnreadable", got, err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, *tc.want) {
+				t.Fatalf("ParseValue = %+v\nwant         %+v", got, *tc.want)
+			}
+		})
+	}
+}
+
+func TestParseValueFields(t *testing.T) {
+	g := kmwtest.NewGen(8)
+	cases := []struct {
+		name string
+		spec kmwtest.Spec
+		want Token
+	}{
+		{"domain scope", kmwtest.Spec{UserID: "u", UserDomainID: "ud", DomainID: "d", Roles: []kmwtest.Role{{ID: "r", Name: "admin"}}, AuditIDs: []string{"a"}},
+			Token{UserID: "u", UserDomainID: "ud", DomainID: "d", RoleIDs: []string{"r"}, RoleNames: []string{"admin"}, AuditIDs: []string{"a"}}},
+		{"system scope", kmwtest.Spec{UserID: "u", UserDomainID: "ud", System: true, AuditIDs: []string{"a"}},
+			Token{UserID: "u", UserDomainID: "ud", System: true, AuditIDs: []string{"a"}}},
+		{"project acting as domain", kmwtest.Spec{UserID: "u", UserDomainID: "ud", ProjectID: "p", IsDomain: true, AuditIDs: []string{"a"}},
+			Token{UserID: "u", UserDomainID: "ud", ProjectID: "p", IsDomain: true, AuditIDs: []string{"a"}}},
+		{"trust with impersonation", kmwtest.Spec{UserID: "tor", UserDomainID: "ud", ProjectID: "p", ProjectDomainID: "pd",
+			TrustID: "t", TrustorID: "tor", TrusteeID: "tee", Impersonation: true, AuditIDs: []string{"a"}},
+			Token{UserID: "tor", UserDomainID: "ud", ProjectID: "p", ProjectDomainID: "pd", TrustID: "t", TrustorUserID: "tor",
+				TrusteeUserID: "tee", Impersonation: true, AuditIDs: []string{"a"}, Methods: []string{"token"}}},
+		{"application credential", kmwtest.Spec{UserID: "u", UserDomainID: "ud", ProjectID: "p", ProjectDomainID: "pd", AppCredID: "ac", AuditIDs: []string{"a"}},
+			Token{UserID: "u", UserDomainID: "ud", ProjectID: "p", ProjectDomainID: "pd", AppCredID: "ac", AuditIDs: []string{"a"}, Methods: []string{"application_credential"}}},
+		{"oauth1", kmwtest.Spec{UserID: "u", UserDomainID: "ud", ProjectID: "p", ProjectDomainID: "pd", ConsumerID: "c", AccessTokenID: "at", AuditIDs: []string{"a"}},
+			Token{UserID: "u", UserDomainID: "ud", ProjectID: "p", ProjectDomainID: "pd", OAuthConsumerID: "c", OAuthAccessTokenID: "at", AuditIDs: []string{"a"}, Methods: []string{"oauth1"}}},
+		{"federated", kmwtest.Spec{UserID: "u", UserDomainID: "ud", ProjectID: "p", ProjectDomainID: "pd", IdentityProviderID: "idp", FederatedGroupIDs: []string{"g1", "g2"}, AuditIDs: []string{"a"}},
+			Token{UserID: "u", UserDomainID: "ud", ProjectID: "p", ProjectDomainID: "pd", IdentityProviderID: "idp", FederatedGroupIDs: []string{"g1", "g2"}, AuditIDs: []string{"a"}, Methods: []string{"mapped"}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.spec.IssuedAt = t0
+			got, err := ParseValue(KeyNone, 0, kmwtest.NoneValue("x", g.Body(tc.spec)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := tc.want
+			want.IssuedAt, want.ExpiresAt = t0, t0.Add(time.Hour)
+			if want.Methods == nil {
+				want.Methods = []string{"password"}
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Fatalf("got  %+v\nwant %+v", got, want)
+			}
+		})
+	}
+}
+
+// TestMatcherAgreesWithAffects checks that the index path (hashed entries,
+// batch matcher) decides as Affects on parsed tokens, for every rule case
+// alone and for all of them in one batch. The index keeps times to the second
+// and at most two audit ids, so for a token with a sub-second issued_at or
+// more audit ids it may match more (never less).
+func TestMatcherAgreesWithAffects(t *testing.T) {
+	toks := ruleTokens()
+	toks["many-audit-ids"] = Token{UserID: "u8", AuditIDs: []string{"x", "y", "z"}, IssuedAt: t0.Truncate(time.Second)}
+	ix := newServerIndex(-1)
+	entries := map[string]entry{}
+	for name, tok := range toks {
+		entries[name] = ix.makeEntry(1, 1, &tok, false)
+	}
+	exact := func(tok Token) bool {
+		return tok.IssuedAt.Equal(tok.IssuedAt.Truncate(time.Second)) && len(tok.AuditIDs) <= 2
+	}
+	cases := ruleCases()
+	var bounded []event.Event
+	var buf []uint64
+	for _, tc := range cases {
+		if !compile(&tc.event).all {
+			bounded = append(bounded, tc.event)
+		}
+		m := newMatcher([]event.Event{tc.event})
+		for name, tok := range toks {
+			e := entries[name]
+			var got int32
+			got, buf = m.match(ix, &e, buf)
+			want := Affects(&tc.event, &tok)
+			if want && got < 0 || !want && got >= 0 && exact(tok) {
+				t.Errorf("%s / %s: matcher %v, Affects %v", tc.name, name, got >= 0, want)
+			}
+		}
+	}
+	m := newMatcher(bounded)
+	for name, tok := range toks {
+		if !exact(tok) {
+			continue
+		}
+		want := int32(-1)
+		for i := range bounded {
+			if Affects(&bounded[i], &tok) {
+				want = int32(i)
+				break
+			}
+		}
+		e := entries[name]
+		if got, _ := m.match(ix, &e, nil); got != want {
+			t.Errorf("batch of every bounded case / %s: first matching event %d, want %d", name, got, want)
+		}
+	}
+	widened := newMatcher(append(bounded, event.Event{Version: 1, Kind: event.KindNotification, Type: "identity.group.deleted", GroupID: "g"}))
+	for name := range toks {
+		e := entries[name]
+		if got, _ := widened.match(ix, &e, nil); got != int32(len(bounded)) {
+			t.Errorf("a batch with an event that widens must attribute every entry to it: %s got %d", name, got)
+		}
+	}
+}
+
+func TestUnknownRolesAndAuditsMatch(t *testing.T) {
+	ix := newServerIndex(-1)
+	e := entry{state: stateReadable, roles: roleSetUnknown, flags: auditUnknown}
+	for _, ev := range []event.Event{
+		{Version: 1, Kind: event.KindNotification, ID: "r", Type: "identity.role.updated", RoleID: "r1"},
+		{Version: 1, Kind: event.KindRevocation, ID: "a", Type: "revocation", Revocation: &event.Revocation{AuditID: "a1"}},
+		{Version: 1, Kind: event.KindRevocation, ID: "c", Type: "revocation", Revocation: &event.Revocation{AuditChainID: "a1"}},
+		{Version: 1, Kind: event.KindRevocation, ID: "r2", Type: "revocation", Revocation: &event.Revocation{RoleID: "r1"}},
+	} {
+		if i, _ := newMatcher([]event.Event{ev}).match(ix, &e, nil); i != 0 {
+			t.Errorf("event %s does not match an entry whose roles and audit ids are unknown", ev.ID)
+		}
+	}
+}
+
+func TestIndexLimit(t *testing.T) {
+	ix := newServerIndex(2)
+	var k1, k2, k3 binKey
+	k1[1], k2[1], k3[1] = 1, 2, 3
+	if !ix.put(k1, entry{cas: 1}) || !ix.put(k2, entry{cas: 1}) {
+		t.Fatal("index refused entries below its limit")
+	}
+	if ix.put(k3, entry{cas: 1}) {
+		t.Fatal("index took an entry beyond its limit")
+	}
+	if !ix.put(k1, entry{cas: 2}) {
+		t.Fatal("index refused to update a known entry when full")
+	}
+	ix.remove(k2)
+	if !ix.put(k3, entry{cas: 1}) || ix.len() != 2 {
+		t.Fatal("index did not reuse the slot of a removed entry")
+	}
+}
+
+func TestRoleSets(t *testing.T) {
+	var rs roleSets
+	a := rs.id([]string{"r1", "r2"})
+	b := rs.id([]string{"r2", "r1", "r2"})
+	if a == 0 || a != b || len(rs.sets) != 1 {
+		t.Fatalf("the same set of roles got ids %d and %d (%d sets stored)", a, b, len(rs.sets))
+	}
+	if rs.id(nil) != 0 {
+		t.Fatal("no roles should be set 0")
+	}
+}
+
+func TestIndexRelayout(t *testing.T) {
+	ix := newServerIndex(-1)
+	var keys []binKey
+	for i := range 50 {
+		var k binKey
+		k[0] = byte(KeyNone)
+		k[1], k[2] = byte(i), byte(i>>8)
+		keys = append(keys, k)
+		ix.put(k, entry{cas: uint64(i + 1)})
+	}
+	ix.remove(keys[7])
+	// The listing order is the reverse of the insertion order.
+	var order []uint32
+	for i := len(keys) - 1; i >= 0; i-- {
+		if slot, ok := ix.lookup(keys[i], ^uint32(0)); ok {
+			order = append(order, slot)
+		}
+	}
+	ix.relayout(order[:40]) // the last entries were not listed: kept after
+	if ix.len() != 49 {
+		t.Fatalf("%d entries after relayout, want 49", ix.len())
+	}
+	for i, k := range keys {
+		e, ok := ix.get(k)
+		if i == 7 {
+			if ok {
+				t.Fatal("a removed entry came back")
+			}
+			continue
+		}
+		if !ok || e.cas != uint64(i+1) {
+			t.Fatalf("entry %d lost or changed: %+v %v", i, e, ok)
+		}
+	}
+	next := uint32(0)
+	for i := len(keys) - 1; i >= 0 && next < 40; i-- {
+		if i == 7 {
+			continue
+		}
+		slot, ok := ix.lookup(keys[i], next)
+		if !ok || slot != next {
+			t.Fatalf("after relayout entry %d is in slot %d, want %d", i, slot, next)
+		}
+		next++
+	}
+}

@@ -1,0 +1,727 @@
+// Package regionagent is the consuming side of keystone-fanout: one Agent runs
+// in each region, reads every event from its region's durable JetStream
+// consumer, has the Invalidator remove the affected keystonemiddleware cache
+// entries from every memcached server of the region, and acknowledges an event
+// only after that finished, twice (see Options.SecondPassDelay).
+//
+// Guarantees:
+//   - at least once: an event is acknowledged only after both its passes
+//     returned nil from the Invalidator; a failed pass is retried in process
+//     with capped back-off, forever, and an event the agent stopped working on
+//     (crash, lost connection) is redelivered by JetStream;
+//   - no silent loss: events the region missed and the stream no longer holds
+//     are detected (see gaps.go) and answered with one sweep of every token
+//     entry; events the consumer skipped that are still in the stream (a
+//     delivery lost with its connection) are fetched and invalidated at once,
+//     and are no gap (see skipped.go);
+//   - a restart does not wait for redeliveries: the events a previous agent
+//     held unacknowledged are redelivered as soon as the agent binds (see
+//     handBackOrphans);
+//   - the consumer is supervised: it is created when missing (replaying the
+//     last TokenCacheTime+ReplayMargin), re-created when deleted, and the agent
+//     waits for NATS as long as it is away.
+package regionagent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+)
+
+// Invalidator removes the token cache entries that events make stale from
+// every memcached server of the region. internal/tokencache provides it.
+type Invalidator interface {
+	// Invalidate handles one batch. A nil error means the invalidation finished
+	// on every server; otherwise the agent retries the whole batch later. It
+	// must be safe to repeat.
+	Invalidate(ctx context.Context, events []event.Event) (Result, error)
+}
+
+// Result is what one Invalidate call did, summed over the servers.
+type Result struct {
+	// Removed is the number of token entries deleted.
+	Removed int
+	// Kept is the number of token entries inspected and left in place.
+	Kept int
+	// Swept is set when the call removed every token entry (an unbounded
+	// event, a gap, or the sweep strategy).
+	Swept bool
+	// Flushed is set when the call flushed memcached entirely (the flush
+	// strategy).
+	Flushed bool
+}
+
+// Pinger is implemented by an Invalidator that can tell whether every
+// memcached server is reachable; Ready uses it when present.
+type Pinger interface {
+	Ping(ctx context.Context) error
+}
+
+// UndecodableEventType is the Type of the unbounded event an agent handles a
+// stream message with when the message is not an event.
+const UndecodableEventType = "keystone-fanout.undecodable"
+
+// WidenedEventType is the Type of the unbounded event an agent replaces a
+// batch with when the Invalidator panicked on it.
+const WidenedEventType = "keystone-fanout.widened"
+
+// Agent consumes one region's events. Create it with New, run it with Run.
+type Agent struct {
+	o   Options
+	nc  *nats.Conn
+	js  jetstream.JetStream
+	inv Invalidator
+	log *slog.Logger
+	m   *metrics
+
+	tr   tracker
+	in   chan *item
+	held heldSet
+
+	running atomic.Bool
+	bound   atomic.Bool
+	skew    atomic.Int64 // NATS server clock minus ours, nanoseconds
+
+	// life ends when Run's context does; background checks of skipped
+	// sequences (see skipped.go) run under it, one at a time (checkMu), and
+	// Run waits for them (checks).
+	life    context.Context
+	checks  sync.WaitGroup
+	checkMu sync.Mutex
+
+	mu             sync.Mutex
+	cancelBinding  context.CancelFunc
+	lastBindErr    error
+	kv             jetstream.KeyValue
+	cpReadFailures int
+	lastCheckpoint *Checkpoint
+}
+
+// item is one event the agent holds, or a gap to sweep for (msg nil).
+type item struct {
+	msg      jetstream.Msg
+	gen, seq uint64
+	ev       event.Event
+	gap      bool
+	// first is true for the first delivery of an event.
+	first bool
+	// due is when the second pass may run; secondFails counts its failures.
+	due         time.Time
+	secondFails int
+}
+
+// New checks o (see Options.Validate), registers the agent's metrics with reg
+// and returns an Agent that uses nc (which the caller owns, connected with
+// unlimited reconnects: see internal/natsconn) and inv. Nothing is contacted
+// before Run.
+func New(o Options, nc *nats.Conn, inv Invalidator, reg prometheus.Registerer, log *slog.Logger) (*Agent, error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
+	if nc == nil {
+		return nil, errors.New("regionagent: no NATS connection")
+	}
+	if inv == nil {
+		return nil, errors.New("regionagent: no Invalidator")
+	}
+	if reg == nil {
+		return nil, errors.New("regionagent: no prometheus.Registerer")
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	var js jetstream.JetStream
+	var err error
+	if o.JetStreamDomain != "" {
+		js, err = jetstream.NewWithDomain(nc, o.JetStreamDomain)
+	} else {
+		js, err = jetstream.New(nc)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("regionagent: JetStream: %w", err)
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, fmt.Errorf("regionagent: registering metrics: %w", err)
+	}
+	a := &Agent{
+		o:   o,
+		nc:  nc,
+		js:  js,
+		inv: inv,
+		log: log.With("component", "agent", "region", o.Region),
+		m:   m,
+		in:  make(chan *item, 2*o.MaxAckPending+64),
+	}
+	a.held.items = map[*item]struct{}{}
+	return a, nil
+}
+
+// Run consumes until ctx ends, then stops within Options.ShutdownTimeout: an
+// invalidation in progress may finish and its events be acknowledged; every
+// other event the agent holds is handed back to JetStream (nak) for
+// redelivery. It returns nil after ctx ended, or an error when the NATS
+// connection was closed. Lost connections, a missing stream and a deleted
+// consumer are waited out and repaired, never returned. Run may be called once.
+func (a *Agent) Run(ctx context.Context) error {
+	if !a.running.CompareAndSwap(false, true) {
+		return errors.New("regionagent: Run called twice")
+	}
+	// hard bounds the work that may continue after ctx ended.
+	hard, cancelHard := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelHard()
+	runCtx, cancelRun := context.WithCancel(ctx)
+	defer cancelRun()
+	a.life = runCtx
+
+	var wg sync.WaitGroup
+	workerDone := make(chan struct{})
+	go func() {
+		defer close(workerDone)
+		a.work(runCtx, hard)
+	}()
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		a.keepalive(runCtx)
+	}()
+	go func() {
+		defer wg.Done()
+		a.auditLoop(runCtx)
+	}()
+
+	a.log.Info("region agent starting", "stream", a.o.Stream, "consumer", a.o.Region,
+		"token_cache_time", a.o.TokenCacheTime, "second_pass_delay", a.o.SecondPassDelay,
+		"batch_size", a.o.BatchSize, "max_ack_pending", a.o.MaxAckPending)
+	err := a.consume(runCtx)
+	cancelRun()
+	stopTimer := time.AfterFunc(a.o.ShutdownTimeout, cancelHard)
+	defer stopTimer.Stop()
+	<-workerDone
+	wg.Wait()
+	a.checks.Wait()
+	n := a.handBack()
+	a.setBound(false)
+	// Record how far the region got, for the next start.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	a.auditOnce(cctx, true)
+	cancel()
+	a.log.Info("region agent stopped", "handed_back", n)
+	return err
+}
+
+// Ready reports whether the agent can do its work now: NATS connected, the
+// consumer bound, and (when the Invalidator is a Pinger) every memcached
+// server reachable within Options.ReadyTimeout. The error says what is wrong.
+func (a *Agent) Ready() error {
+	var errs []error
+	if !a.nc.IsConnected() {
+		errs = append(errs, fmt.Errorf("NATS is not connected (%s)", a.nc.Status()))
+	}
+	if !a.bound.Load() {
+		a.mu.Lock()
+		last := a.lastBindErr
+		a.mu.Unlock()
+		if last != nil {
+			errs = append(errs, fmt.Errorf("not consuming from consumer %s of stream %s: %w", a.o.Region, a.o.Stream, last))
+		} else {
+			errs = append(errs, fmt.Errorf("not consuming from consumer %s of stream %s yet", a.o.Region, a.o.Stream))
+		}
+	}
+	if p, ok := a.inv.(Pinger); ok {
+		ctx, cancel := context.WithTimeout(context.Background(), a.o.ReadyTimeout)
+		defer cancel()
+		if err := p.Ping(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("memcached: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (a *Agent) setBound(b bool) {
+	a.bound.Store(b)
+	if b {
+		a.m.bound.Set(1)
+	} else {
+		a.m.bound.Set(0)
+	}
+}
+
+// windowStart is the stream time before which an event cannot have a live
+// stale entry.
+func (a *Agent) windowStart() time.Time {
+	return time.Now().Add(time.Duration(a.skew.Load())).Add(-a.o.replayWindow())
+}
+
+func (a *Agent) noteServerTime(ts time.Time) {
+	if !ts.IsZero() {
+		a.skew.Store(int64(time.Until(ts)))
+	}
+}
+
+// requestRebind makes the fetcher drop its binding and bind again.
+func (a *Agent) requestRebind(reason string) {
+	a.mu.Lock()
+	cancel := a.cancelBinding
+	a.mu.Unlock()
+	if cancel != nil {
+		a.log.Warn("re-binding the consumer", "reason", reason)
+		cancel()
+	}
+}
+
+// consume binds to the consumer and pumps its messages to the worker, binding
+// again after every failure, until ctx ends.
+func (a *Agent) consume(ctx context.Context) error {
+	delay := a.o.RetryMin
+	for {
+		if ctx.Err() != nil {
+			return nil
+		}
+		if a.nc.IsClosed() {
+			return errors.New("regionagent: the NATS connection was closed")
+		}
+		bctx, cancel := context.WithCancel(ctx)
+		a.mu.Lock()
+		a.cancelBinding = cancel
+		a.mu.Unlock()
+		cons, err := a.bind(bctx)
+		if err != nil {
+			a.m.consumerErrors.WithLabelValues(consumerErrBind).Inc()
+		} else {
+			delay = a.o.RetryMin
+			a.mu.Lock()
+			a.lastBindErr = nil
+			a.mu.Unlock()
+			err = a.pump(bctx, cons)
+		}
+		cancel()
+		a.setBound(false)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err != nil {
+			a.mu.Lock()
+			a.lastBindErr = err
+			a.mu.Unlock()
+			a.log.Warn("consumer unavailable, retrying", "err", err, "retry_in", delay)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, a.o.RetryMax)
+	}
+}
+
+func (a *Agent) consumerConfig(start time.Time) jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:       a.o.Region,
+		Description:   "keystone-fanout region agent of " + a.o.Region,
+		DeliverPolicy: jetstream.DeliverByStartTimePolicy,
+		OptStartTime:  &start,
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       a.o.ackWait(),
+		BackOff:       append([]time.Duration(nil), a.o.RedeliveryBackoff...),
+		MaxDeliver:    -1,
+		MaxAckPending: a.o.MaxAckPending,
+		ReplayPolicy:  jetstream.ReplayInstantPolicy,
+	}
+}
+
+// bind finds or creates the consumer, brings its settings in line with the
+// options and checks for a gap.
+func (a *Agent) bind(ctx context.Context) (jetstream.Consumer, error) {
+	s, err := a.js.Stream(ctx, a.o.Stream)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return nil, fmt.Errorf("stream %s does not exist: the bridge creates it (check --stream and that a bridge ran)", a.o.Stream)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("stream %s: %w", a.o.Stream, err)
+	}
+	a.noteServerTime(s.CachedInfo().TimeStamp)
+	cons, err := s.Consumer(ctx, a.o.Region)
+	created := false
+	switch {
+	case errors.Is(err, jetstream.ErrConsumerNotFound):
+		start := a.windowStart()
+		cons, err = s.CreateConsumer(ctx, a.consumerConfig(start))
+		if errors.Is(err, jetstream.ErrConsumerExists) {
+			// Another agent of the region created it meanwhile.
+			cons, err = s.Consumer(ctx, a.o.Region)
+			if err == nil {
+				cons, err = a.adopt(ctx, s, cons)
+			}
+		} else if err == nil {
+			created = true
+			a.m.recreations.Inc()
+			a.log.Info("created the region's consumer", "stream", a.o.Stream, "consumer", a.o.Region,
+				"deliver_from", start.UTC().Format(time.RFC3339Nano))
+		}
+	case err == nil:
+		cons, err = a.adopt(ctx, s, cons)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("consumer %s of stream %s: %w", a.o.Region, a.o.Stream, err)
+	}
+	ci := cons.CachedInfo()
+	if !created {
+		ci = a.handBackOrphans(ctx, s, ci)
+	}
+	// Read the stream after the consumer: see gaps.go.
+	si, err := s.Info(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("stream %s: %w", a.o.Stream, err)
+	}
+	a.noteServerTime(si.TimeStamp)
+	if err := a.startCheck(ctx, si, ci, created); err != nil {
+		return nil, err
+	}
+	return cons, nil
+}
+
+// resetTimeout bounds the consumer reset of handBackOrphans.
+const resetTimeout = 5 * time.Second
+
+// handBackOrphans has JetStream redeliver now, rather than after the first
+// Options.RedeliveryBackoff duration, the events that a previous agent of the
+// region was given and never acknowledged (it was killed, or lost NATS and
+// stopped): on the first bind of this process, when the consumer has
+// acknowledgements pending, it resets the consumer to its ack floor. That
+// needs NATS server 2.14 or later; an older server refuses, the agent logs it
+// and the events come back after the back-off, as without the reset.
+//
+// The reset redelivers everything after the ack floor: also events
+// acknowledged out of order, and those another agent sharing the region's
+// consumer holds at that moment. Handling them again is harmless. It returns
+// the consumer's state to start from.
+func (a *Agent) handBackOrphans(ctx context.Context, s jetstream.Stream, ci *jetstream.ConsumerInfo) *jetstream.ConsumerInfo {
+	a.tr.mu.Lock()
+	initialized := a.tr.initialized
+	a.tr.mu.Unlock()
+	if initialized || ci.NumAckPending == 0 {
+		return ci
+	}
+	rctx, cancel := context.WithTimeout(ctx, resetTimeout)
+	defer cancel()
+	resp, err := s.ResetConsumer(rctx, a.o.Region)
+	if err != nil {
+		a.m.consumerErrors.WithLabelValues(consumerErrReset).Inc()
+		a.log.Warn("cannot reset the consumer to its ack floor (needs NATS server 2.14 or later): "+
+			"the events a previous agent held unacknowledged come back after the first --redelivery-backoff duration",
+			"ack_pending", ci.NumAckPending, "ack_floor", ci.AckFloor.Stream, "delivered", ci.Delivered.Stream, "err", err)
+		return ci
+	}
+	a.tr.mu.Lock()
+	a.tr.replayedUpTo = ci.Delivered.Stream
+	a.tr.mu.Unlock()
+	a.m.resets.Inc()
+	a.log.Info("reset the consumer to its ack floor: the events a previous agent held unacknowledged are redelivered now",
+		"ack_pending", ci.NumAckPending, "ack_floor", ci.AckFloor.Stream, "delivered", ci.Delivered.Stream, "redeliver_from", resp.ResetSeq)
+	return resp.ConsumerInfo
+}
+
+// adopt checks an existing consumer and updates the settings the agent owns.
+func (a *Agent) adopt(ctx context.Context, s jetstream.Stream, cons jetstream.Consumer) (jetstream.Consumer, error) {
+	have := cons.CachedInfo().Config
+	if have.AckPolicy != jetstream.AckExplicitPolicy || have.DeliverSubject != "" || have.HeadersOnly {
+		return nil, fmt.Errorf("it exists but is not a pull consumer with explicit acks and bodies (not created by keystone-fanout?): "+
+			"delete it (nats consumer rm %s %s) and the agent creates it", a.o.Stream, a.o.Region)
+	}
+	want := have
+	want.Description = "keystone-fanout region agent of " + a.o.Region
+	want.AckWait = a.o.ackWait()
+	want.BackOff = append([]time.Duration(nil), a.o.RedeliveryBackoff...)
+	want.MaxDeliver = -1
+	want.MaxAckPending = a.o.MaxAckPending
+	want.FilterSubject = ""
+	want.FilterSubjects = nil
+	want.InactiveThreshold = 0
+	if reflect.DeepEqual(have, want) {
+		return cons, nil
+	}
+	updated, err := s.UpdateConsumer(ctx, want)
+	if err != nil {
+		return nil, fmt.Errorf("updating its settings: %w", err)
+	}
+	a.log.Info("updated the consumer's settings", "consumer", a.o.Region, "max_ack_pending", want.MaxAckPending,
+		"backoff", want.BackOff)
+	return updated, nil
+}
+
+// startCheck sets the tracker up for a (new) binding and queues a gap sweep
+// when events the region had not handled are gone (see gaps.go).
+func (a *Agent) startCheck(ctx context.Context, si *jetstream.StreamInfo, ci *jetstream.ConsumerInfo, created bool) error {
+	a.tr.mu.Lock()
+	initialized := a.tr.initialized
+	a.tr.mu.Unlock()
+	var cp *Checkpoint
+	if !initialized && !a.o.NoCheckpoint {
+		var err error
+		cp, err = a.loadCheckpoint(ctx)
+		if err != nil {
+			a.m.checkpointErrors.Inc()
+			a.mu.Lock()
+			a.cpReadFailures++
+			n := a.cpReadFailures
+			a.mu.Unlock()
+			if n < 3 {
+				return fmt.Errorf("reading the checkpoint: %w", err)
+			}
+			a.log.Error("cannot read the checkpoint, going on without it: events purged while the agent was away may go unnoticed",
+				"bucket", a.o.CheckpointBucket, "err", err)
+		}
+	}
+
+	w := a.windowStart()
+	t := &a.tr
+	t.mu.Lock()
+	reason := ""
+	var floor uint64
+	switch {
+	case !t.initialized:
+		switch {
+		case cp != nil && (cp.Stream != si.Config.Name || !cp.StreamCreated.Equal(si.Created)):
+			reason = GapStreamRecreated
+		case cp != nil:
+			floor = cp.Seq
+		case !created:
+			floor = ci.AckFloor.Stream
+		}
+		t.maxSeen = ci.Delivered.Stream
+	case !t.streamCreated.Equal(si.Created):
+		reason = GapStreamRecreated
+		t.gen++
+		t.outstanding = nil
+		t.gaps = 0
+		t.suspect = 0
+		t.replayedUpTo = 0
+		t.maxSeen = ci.Delivered.Stream
+	default:
+		floor = t.floorLocked()
+		t.maxSeen = max(t.maxSeen, ci.Delivered.Stream)
+	}
+	t.initialized = true
+	t.stream = si.Config.Name
+	t.streamCreated = si.Created
+	t.ackFloor = ci.AckFloor.Stream
+	first := si.State.FirstSeq
+	if reason == "" && first > floor+1 && vanishedMayMatter(si.State, w) {
+		reason = GapStreamTruncated
+	}
+	var gapSeq, gen uint64
+	if reason != "" {
+		if first > 0 {
+			gapSeq = first - 1
+		}
+		gen = t.gen
+		t.gaps++
+		t.hold(gen, gapSeq)
+	}
+	t.mu.Unlock()
+
+	if reason != "" {
+		a.m.gaps.WithLabelValues(reason).Inc()
+		a.log.Warn("gap: events the region had not handled are gone from the stream; removing every token entry",
+			"reason", reason, "handled_up_to", floor, "stream_first_seq", first, "stream_first_time", si.State.FirstTime,
+			"window_start", w, "checkpoint", cp != nil)
+		a.enqueue(ctx, &item{gen: gen, seq: gapSeq, gap: true, ev: gapEvent(reason, time.Now(), gapSeq)})
+	}
+	return nil
+}
+
+// pump moves messages from the consumer to the worker until the binding ends.
+func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
+	it, err := cons.Messages(
+		jetstream.PullMaxMessages(a.o.BatchSize),
+		jetstream.PullHeartbeat(a.o.Heartbeat),
+		jetstream.PullExpiry(4*a.o.Heartbeat),
+		jetstream.WithMessagesErrOnMissingHeartbeat(true),
+	)
+	if err != nil {
+		return fmt.Errorf("consuming from %s: %w", a.o.Region, err)
+	}
+	defer it.Stop()
+	a.setBound(true)
+	a.log.Info("consuming", "stream", a.o.Stream, "consumer", a.o.Region)
+	for {
+		msg, err := it.Next(jetstream.NextContext(ctx))
+		if err == nil {
+			a.receive(ctx, msg)
+			continue
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		switch {
+		case errors.Is(err, jetstream.ErrNoHeartbeat):
+			a.m.consumerErrors.WithLabelValues(consumerErrHeartbeat).Inc()
+			_, ierr := cons.Info(ctx)
+			if errors.Is(ierr, jetstream.ErrConsumerNotFound) {
+				a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
+				return fmt.Errorf("consumer %s was deleted", a.o.Region)
+			}
+			// Otherwise NATS is away or busy: the iterator pulls again once it
+			// is back.
+			a.log.Debug("missed consumer heartbeats", "info_err", ierr)
+		case errors.Is(err, jetstream.ErrConsumerDeleted):
+			a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
+			return fmt.Errorf("consumer %s was deleted", a.o.Region)
+		default:
+			a.m.consumerErrors.WithLabelValues(consumerErrIterator).Inc()
+			return fmt.Errorf("consuming from %s: %w", a.o.Region, err)
+		}
+	}
+}
+
+// receive turns a delivered message into an item for the worker.
+func (a *Agent) receive(ctx context.Context, msg jetstream.Msg) {
+	md, err := msg.Metadata()
+	if err != nil {
+		// Not a JetStream delivery: it cannot be acknowledged either.
+		a.log.Error("ignoring a message without JetStream metadata", "subject", msg.Subject(), "err", err)
+		return
+	}
+	ev, derr := event.Unmarshal(msg.Data())
+	if derr != nil {
+		ev = undecodableEvent(msg.Headers().Get(jetstream.MsgIDHeader), md.Timestamp)
+		a.m.undecodable.Inc()
+		a.log.Warn("stream message is not an event: removing every token entry for it",
+			"stream_seq", md.Sequence.Stream, "subject", msg.Subject(), "err", derr)
+	}
+	a.m.pending.Set(float64(md.NumPending))
+	seq := md.Sequence.Stream
+	if md.NumDelivered > 1 && a.held.holds(a.tr.currentGen(), seq) {
+		// A redelivery of an event the agent still works on (its progress
+		// reports were lost while NATS was away). Acknowledgements are by
+		// stream sequence, so the held one's ack covers this delivery too.
+		a.m.redeliveries.Inc()
+		a.log.Debug("dropping a duplicate delivery of an event in progress", "stream_seq", seq)
+		return
+	}
+	gen, skipped, redelivery := a.tr.delivery(seq, md.NumDelivered, md.Timestamp, a.windowStart())
+	if redelivery {
+		a.m.redeliveries.Inc()
+	}
+	if !skipped.empty() {
+		a.log.Debug("the consumer skipped sequences; looking them up in the stream",
+			"skipped_from", skipped.lo, "skipped_to", skipped.hi, "next_seq", seq)
+		a.checkSkipped(gen, skipped, md.Timestamp)
+	}
+	a.enqueue(ctx, &item{msg: msg, gen: gen, seq: seq, ev: ev, first: !redelivery})
+}
+
+// enqueue hands an item to the worker. Items not taken when ctx ends stay in
+// the held set and are handed back on shutdown; gaps are redetected.
+func (a *Agent) enqueue(ctx context.Context, it *item) {
+	a.held.add(it)
+	a.m.held.Set(float64(a.held.len()))
+	select {
+	case a.in <- it:
+	case <-ctx.Done():
+	}
+}
+
+// heldSet is every item the agent holds and has not finished.
+type heldSet struct {
+	mu    sync.Mutex
+	items map[*item]struct{}
+	// bySeq counts the held deliveries by stream incarnation and sequence.
+	bySeq map[[2]uint64]int
+}
+
+func (h *heldSet) add(it *item) {
+	h.mu.Lock()
+	h.items[it] = struct{}{}
+	if it.msg != nil {
+		if h.bySeq == nil {
+			h.bySeq = map[[2]uint64]int{}
+		}
+		h.bySeq[[2]uint64{it.gen, it.seq}]++
+	}
+	h.mu.Unlock()
+}
+
+func (h *heldSet) remove(it *item) {
+	h.mu.Lock()
+	if _, ok := h.items[it]; ok && it.msg != nil {
+		k := [2]uint64{it.gen, it.seq}
+		if h.bySeq[k] <= 1 {
+			delete(h.bySeq, k)
+		} else {
+			h.bySeq[k]--
+		}
+	}
+	delete(h.items, it)
+	h.mu.Unlock()
+}
+
+// holds reports whether a delivery of seq of stream incarnation gen is held.
+func (h *heldSet) holds(gen, seq uint64) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.bySeq[[2]uint64{gen, seq}] > 0
+}
+
+func (h *heldSet) len() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.items)
+}
+
+func (h *heldSet) snapshot() []*item {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := make([]*item, 0, len(h.items))
+	for it := range h.items {
+		out = append(out, it)
+	}
+	return out
+}
+
+// keepalive tells JetStream, every third of the ack wait, that the agent is
+// still working on the events it holds, so that they are not redelivered
+// while a batch waits for its second pass or a retry.
+func (a *Agent) keepalive(ctx context.Context) {
+	t := time.NewTicker(a.o.ackWait() / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, it := range a.held.snapshot() {
+			if it.msg != nil {
+				_ = it.msg.InProgress() // fails only while NATS is away; redelivery is harmless
+			}
+		}
+	}
+}
+
+// handBack naks every event still held so that JetStream redelivers it
+// without waiting for the ack wait.
+func (a *Agent) handBack() int {
+	n := 0
+	for _, it := range a.held.snapshot() {
+		if it.msg != nil {
+			_ = it.msg.Nak()
+			n++
+		}
+		a.held.remove(it)
+	}
+	a.m.held.Set(0)
+	return n
+}

@@ -1,0 +1,286 @@
+package regionagent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+)
+
+// Skipped sequences: the consumer moved past stream sequences this agent
+// never received (see gaps.go). Each is in one of three states:
+//
+//   - still in the stream, unacknowledged: it was delivered into a connection
+//     that dropped, and JetStream redelivers it after the ack wait (the first
+//     RedeliveryBackoff duration), or another agent of the region holds it;
+//   - still in the stream, acknowledged: another agent of the region (or a
+//     previous one) handled it;
+//   - gone: deleted, expired or purged before this agent saw it. Its age is
+//     unknown, so it may have a live stale entry: a gap.
+//
+// The agent fetches each skipped sequence from the stream (a get by sequence,
+// answered by the stream leader: a direct get from a replica that lags could
+// take a stored message for a missing one). A fetched message is invalidated
+// at once, which closes the window until its redelivery; handling it twice is
+// harmless, and its redelivery is still handled and acknowledged. When a jump
+// is longer than the fetch limit, or a fetch fails, the stream's state decides
+// instead: sequences below its first one, and interior deletions (listed when
+// there are not too many), are gone; what cannot be told is a gap, because
+// removing too much is safe.
+
+const (
+	// defaultSkippedFetchLimit bounds the sequences one jump fetches: a lost
+	// pull batch is at most BatchSize messages, far fewer in practice.
+	defaultSkippedFetchLimit = 1024
+	// skippedFetchParallel is how many gets are in flight at once.
+	skippedFetchParallel = 16
+	// skippedGetTimeout bounds one get, and the stream state request.
+	skippedGetTimeout = 5 * time.Second
+	// skippedResolveTimeout bounds the fetches of one jump.
+	skippedResolveTimeout = 30 * time.Second
+	// maxDeletedDetails is the most interior deletions the agent asks the
+	// stream to list; beyond it, a jump whose sequences cannot all be fetched
+	// is a gap.
+	maxDeletedDetails = 100000
+)
+
+// errMsgGone is a get's answer when the stream no longer holds the sequence.
+var errMsgGone = errors.New("no message at this sequence")
+
+// storedMsg is a message read from the stream by sequence.
+type storedMsg struct {
+	Subject string    `json:"subject"`
+	Seq     uint64    `json:"seq"`
+	Header  []byte    `json:"hdrs,omitempty"`
+	Data    []byte    `json:"data,omitempty"`
+	Time    time.Time `json:"time"`
+}
+
+// apiPrefix is the subject prefix of the JetStream API the agent talks to.
+func (a *Agent) apiPrefix() string {
+	if a.o.JetStreamDomain != "" {
+		return "$JS." + a.o.JetStreamDomain + ".API."
+	}
+	return jetstream.DefaultAPIPrefix
+}
+
+// getMsg reads the message at seq from the stream leader.
+func (a *Agent) getMsg(ctx context.Context, seq uint64) (*storedMsg, error) {
+	ctx, cancel := context.WithTimeout(ctx, skippedGetTimeout)
+	defer cancel()
+	req := fmt.Appendf(nil, `{"seq":%d}`, seq)
+	reply, err := a.nc.RequestWithContext(ctx, a.apiPrefix()+"STREAM.MSG.GET."+a.o.Stream, req)
+	if err != nil {
+		return nil, err
+	}
+	var resp struct {
+		Error *struct {
+			Code        int    `json:"code"`
+			ErrCode     int    `json:"err_code"`
+			Description string `json:"description"`
+		} `json:"error"`
+		Message *storedMsg `json:"message"`
+	}
+	if err := json.Unmarshal(reply.Data, &resp); err != nil {
+		return nil, fmt.Errorf("reading the answer to a get of sequence %d: %w", seq, err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.ErrCode == int(jetstream.JSErrCodeMessageNotFound):
+		return nil, errMsgGone
+	case resp.Error != nil:
+		return nil, fmt.Errorf("get of sequence %d: %s (code %d, error code %d)", seq, resp.Error.Description, resp.Error.Code, resp.Error.ErrCode)
+	case resp.Message == nil || resp.Message.Seq != seq:
+		return nil, fmt.Errorf("get of sequence %d: no message in the answer", seq)
+	}
+	return resp.Message, nil
+}
+
+// fetchResult is what fetching a skipped range found.
+type fetchResult struct {
+	found  map[uint64]*storedMsg
+	gone   []uint64
+	failed int
+	err    error // one of the failures
+}
+
+// fetchSkipped gets every sequence of r from the stream, a few at a time.
+func (a *Agent) fetchSkipped(ctx context.Context, r seqRange) fetchResult {
+	res := fetchResult{found: map[uint64]*storedMsg{}}
+	var mu sync.Mutex
+	seqs := make(chan uint64)
+	var wg sync.WaitGroup
+	for range min(skippedFetchParallel, int(r.len())) {
+		wg.Go(func() {
+			for seq := range seqs {
+				m, err := a.getMsg(ctx, seq)
+				mu.Lock()
+				switch {
+				case err == nil:
+					res.found[seq] = m
+				case errors.Is(err, errMsgGone):
+					res.gone = append(res.gone, seq)
+				default:
+					res.failed++
+					res.err = err
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	for seq := r.lo; seq <= r.hi; seq++ {
+		seqs <- seq
+	}
+	close(seqs)
+	wg.Wait()
+	return res
+}
+
+// goneFromStream tells from the stream's state whether a sequence of r not in
+// known may be gone. why says what decided it.
+func (a *Agent) goneFromStream(ctx context.Context, r seqRange, known map[uint64]*storedMsg) (gone bool, why string) {
+	ctx, cancel := context.WithTimeout(ctx, skippedGetTimeout)
+	defer cancel()
+	s, err := a.js.Stream(ctx, a.o.Stream)
+	if err != nil {
+		return true, fmt.Sprintf("cannot read the stream's state: %v", err)
+	}
+	st := s.CachedInfo().State
+	unknown := func(seq uint64) bool { _, ok := known[seq]; return !ok }
+	for seq := r.lo; seq <= r.hi && seq < st.FirstSeq; seq++ {
+		if unknown(seq) {
+			return true, fmt.Sprintf("the stream now starts at sequence %d", st.FirstSeq)
+		}
+	}
+	if st.NumDeleted == 0 {
+		return false, "the stream has no deleted sequence"
+	}
+	if st.NumDeleted > maxDeletedDetails {
+		return true, fmt.Sprintf("the stream has %d deleted sequences, too many to list", st.NumDeleted)
+	}
+	si, err := s.Info(ctx, jetstream.WithDeletedDetails(true))
+	if err != nil {
+		return true, fmt.Sprintf("cannot list the stream's deleted sequences: %v", err)
+	}
+	for _, seq := range si.State.Deleted {
+		if r.contains(seq) && unknown(seq) {
+			return true, fmt.Sprintf("sequence %d was deleted", seq)
+		}
+	}
+	return false, "no deleted sequence among them"
+}
+
+// resolveSkipped finds out whether the sequences of r, which the consumer
+// skipped before delivering one stored at next, are still in the stream;
+// it invalidates those it fetched and queues a gap sweep when one is gone
+// (see the top of this file). It runs in the background, one at a time.
+func (a *Agent) resolveSkipped(ctx context.Context, gen uint64, r seqRange, next time.Time) {
+	limit := a.o.skippedFetchLimit
+	if limit == 0 {
+		limit = defaultSkippedFetchLimit
+	}
+	var res fetchResult
+	if limit > 0 && r.len() <= uint64(limit) {
+		fctx, cancel := context.WithTimeout(ctx, skippedResolveTimeout)
+		res = a.fetchSkipped(fctx, r)
+		cancel()
+	} else {
+		res.found = map[uint64]*storedMsg{}
+	}
+	if ctx.Err() != nil {
+		// Stopping: the sequences stay unhandled (the checkpoint stays below
+		// them) and the next agent sees them again.
+		return
+	}
+	gap, why := len(res.gone) > 0, ""
+	switch {
+	case gap:
+		why = fmt.Sprintf("%d of them are no longer in the stream, for example sequence %d", len(res.gone), res.gone[0])
+	case uint64(len(res.found)) < r.len():
+		gap, why = a.goneFromStream(ctx, r, res.found)
+		if res.failed > 0 {
+			why = fmt.Sprintf("%d could not be fetched (%v); %s", res.failed, res.err, why)
+		}
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	var items []*item
+	var fetched []uint64
+	if !gap {
+		// A gap sweeps every token entry: the fetched events need no
+		// invalidation of their own then.
+		for seq := r.lo; seq <= r.hi; seq++ {
+			if m, ok := res.found[seq]; ok {
+				fetched = append(fetched, seq)
+				items = append(items, &item{gen: gen, seq: seq, ev: a.storedEvent(m)})
+			}
+		}
+	}
+	if !a.tr.skippedResolved(gen, r, fetched, gap) {
+		return // the stream was re-created meanwhile
+	}
+	if gap {
+		a.m.gaps.WithLabelValues(GapSequenceJump).Inc()
+		a.log.Warn("gap: events the consumer skipped vanished from the stream before delivery; removing every token entry",
+			"reason", GapSequenceJump, "skipped_from", r.lo, "skipped_to", r.hi, "why", why, "next_time", next)
+		a.enqueue(ctx, &item{gen: gen, seq: r.hi, gap: true, ev: gapEvent(GapSequenceJump, time.Now(), r.hi)})
+		return
+	}
+	a.m.skippedFetched.Add(float64(len(items)))
+	a.log.Info("the consumer skipped events this agent never received (lost in transit, or given to another agent of the region); they are still in the stream: no gap",
+		"skipped_from", r.lo, "skipped_to", r.hi, "fetched_and_invalidated_now", len(items), "why", why)
+	for _, it := range items {
+		a.enqueue(ctx, it)
+	}
+}
+
+// checkSkipped resolves r in the background (see resolveSkipped); checks run
+// one at a time, until the agent stops.
+func (a *Agent) checkSkipped(gen uint64, r seqRange, next time.Time) {
+	ctx := a.life
+	a.checks.Go(func() {
+		a.checkMu.Lock()
+		defer a.checkMu.Unlock()
+		if ctx.Err() != nil {
+			return
+		}
+		a.resolveSkipped(ctx, gen, r, next)
+	})
+}
+
+// storedEvent is the event of a message fetched from the stream. Such a
+// message is also delivered, or was, so an undecodable one is counted and
+// logged when it is.
+func (a *Agent) storedEvent(m *storedMsg) event.Event {
+	var msgID string
+	if len(m.Header) > 0 {
+		if h, err := nats.DecodeHeadersMsg(m.Header); err == nil {
+			msgID = h.Get(jetstream.MsgIDHeader)
+		}
+	}
+	ev, err := event.Unmarshal(m.Data)
+	if err != nil {
+		return undecodableEvent(msgID, m.Time)
+	}
+	return ev
+}
+
+// undecodableEvent is the unbounded event a stream message that is not an
+// event is handled with.
+func undecodableEvent(msgID string, stored time.Time) event.Event {
+	return event.Event{
+		Version: event.SchemaVersion,
+		Kind:    event.KindNotification,
+		ID:      msgID,
+		Type:    UndecodableEventType,
+		Time:    stored.UTC(),
+		Widen:   "undecodable stream message",
+	}
+}
