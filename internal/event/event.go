@@ -147,9 +147,6 @@ func (e *Event) Unbounded() bool {
 	return true
 }
 
-// Marshal encodes e as the JSON message body published to JetStream.
-func (e *Event) Marshal() ([]byte, error) { return json.Marshal(e) }
-
 // Unmarshal decodes a JetStream message body written by Marshal. An error means
 // the body is not an Event at all; the caller should treat it as unbounded.
 func Unmarshal(b []byte) (Event, error) {

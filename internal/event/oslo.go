@@ -1,14 +1,13 @@
 package event
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"path"
 	"slices"
+	"sync"
 	"time"
 	"unicode/utf8"
 )
@@ -141,112 +140,354 @@ const maxIDLen = 255
 // Event with Widen set: it is published, and agents remove every token entry.
 // A missing message_id is replaced by a digest of the body, and a missing or
 // unreadable timestamp leaves Time zero for the caller to fill.
+//
+// Decode reads JSON as encoding/json would decode the body into structs of
+// the fields it uses (keys matched case-insensitively, the last of duplicate
+// keys winning, values of another type reading as absent) and rejects what
+// encoding/json rejects, but it reads only those fields, skipping the rest
+// without allocating. Decode is safe for concurrent use.
 func Decode(body []byte) (Event, error) {
 	if !utf8.Valid(body) {
 		return Event{}, reject(ReasonInvalidUTF8, "", "body is not valid UTF-8")
 	}
+	s := scanner{data: body}
+	s.skipWS()
+	switch s.peek() {
+	case '{':
+	case 'n':
+		if s.literal("null") && s.atEnd() {
+			// JSON null decodes to no fields at all.
+			return Event{}, reject(ReasonMissingEventType, "", "notification has no event_type")
+		}
+		return Event{}, reject(ReasonNotJSON, "", "body is not a JSON object: %v", s.err)
+	default:
+		s.failChar("looking for beginning of value")
+		return Event{}, reject(ReasonNotJSON, "", "body is not a JSON object: %v", s.err)
+	}
 	// One pass over the outer object: the envelope's two keys, or the v1
-	// document's fields.
-	var outer struct {
-		Version *json.RawMessage `json:"oslo.version"`
-		Message *json.RawMessage `json:"oslo.message"`
-		notification
+	// document's fields. The oslo.message string is unescaped into doc.
+	var outer, inner notificationFields
+	doc := getBuffer()
+	defer putBuffer(doc)
+	outer.doc = doc
+	if !s.notification(&outer, true) || !s.atEnd() {
+		return Event{}, reject(ReasonNotJSON, "", "body is not a JSON object: %v", s.err)
 	}
-	if !isObject(body) && string(bytes.TrimSpace(body)) != "null" {
-		var x map[string]json.RawMessage
-		err := json.Unmarshal(body, &x)
-		if err == nil {
-			err = fmt.Errorf("not an object")
-		}
-		return Event{}, reject(ReasonNotJSON, "", "body is not a JSON object: %v", err)
+	if outer.bad {
+		return Event{}, reject(ReasonNotJSON, "", "body is not a JSON object: a number in a notification field does not fit a float64")
 	}
-	if err := json.Unmarshal(body, &outer); err != nil {
-		return Event{}, reject(ReasonNotJSON, "", "body is not a JSON object: %v", err)
-	}
-	msg := outer.notification
+	msg := &outer
 	switch {
-	case outer.Version != nil:
-		var v string
-		if err := json.Unmarshal(*outer.Version, &v); err != nil || v != "2.0" {
-			return Event{}, reject(ReasonUnsupportedVersion, "", "oslo.version is %s, want \"2.0\"", truncate(*outer.Version))
+	case outer.version.present:
+		if !outer.version.str.set || !outer.version.str.equal("2.0") {
+			return Event{}, reject(ReasonUnsupportedVersion, "", "oslo.version is %s, want \"2.0\"", truncate(outer.version.raw))
 		}
-		if outer.Message == nil {
+		if !outer.message.present {
 			return Event{}, reject(ReasonBadEnvelope, "", "envelope has no oslo.message")
 		}
-		var s string
-		if err := json.Unmarshal(*outer.Message, &s); err != nil {
+		if !outer.message.str.set {
 			return Event{}, reject(ReasonBadEnvelope, "", "oslo.message is not a JSON string")
 		}
-		msg = notification{}
-		if !isObject([]byte(s)) || json.Unmarshal([]byte(s), &msg) != nil {
+		in := scanner{data: outer.message.str.raw} // unescaped while scanning
+		in.skipWS()
+		if in.peek() != '{' || !in.notification(&inner, false) || !in.atEnd() || inner.bad {
 			return Event{}, reject(ReasonBadEnvelope, "", "oslo.message does not hold a JSON object")
 		}
-	case outer.Message != nil:
+		msg = &inner
+	case outer.message.present:
 		return Event{}, reject(ReasonBadEnvelope, "", "oslo.message without oslo.version")
 	}
 
-	id, _ := msg.MessageID.(string)
-	eventType, _ := msg.EventType.(string)
-	if eventType == "" {
+	var id string
+	if msg.messageID.set {
+		id = msg.messageID.String()
+	}
+	if !msg.eventType.set || len(msg.eventType.raw) == 0 {
 		return Event{}, reject(ReasonMissingEventType, id, "notification has no event_type")
 	}
 	if id == "" || len(id) > maxIDLen {
 		sum := sha256.Sum256(body)
 		id = "sha256-" + hex.EncodeToString(sum[:16])
 	}
-	e := Event{Version: SchemaVersion, Kind: KindNotification, ID: id, Type: eventType}
-	e.Publisher, _ = msg.Publisher.(string)
-	if ts, ok := msg.Timestamp.(string); ok {
-		if t, err := time.ParseInLocation(osloTimeLayout, ts, time.UTC); err == nil {
+	e := Event{Version: SchemaVersion, Kind: KindNotification, ID: id, Type: internType(msg.eventType)}
+	e.Publisher = msg.publisher.String()
+	if msg.timestamp.set {
+		if t, err := time.ParseInLocation(osloTimeLayout, msg.timestamp.String(), time.UTC); err == nil {
 			e.Time = t
 		}
 	}
-	normalise(&e, msg.Payload)
+	normalise(&e, &msg.payload)
 	return e, nil
 }
 
-type notification struct {
-	MessageID any             `json:"message_id"`
-	EventType any             `json:"event_type"`
-	Publisher any             `json:"publisher_id"`
-	Timestamp any             `json:"timestamp"`
-	Payload   json.RawMessage `json:"payload"`
+// knownTypeNames interns the event types Keystone emits most, so that
+// decoding them does not allocate.
+var knownTypeNames = func() map[string]string {
+	m := map[string]string{"identity.authenticate": "identity.authenticate"}
+	for _, t := range knownTypes {
+		m[t] = t
+	}
+	return m
+}()
+
+func internType(j jstr) string {
+	if !j.esc {
+		if t, ok := knownTypeNames[string(j.raw)]; ok {
+			return t
+		}
+	}
+	return j.String()
 }
 
-func isObject(b []byte) bool {
-	b = bytes.TrimLeft(b, " \t\r\n")
-	return len(b) > 0 && b[0] == '{'
+// buffers hold unescaped oslo.message documents.
+var buffers = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+
+func getBuffer() *[]byte { return buffers.Get().(*[]byte) }
+
+func putBuffer(b *[]byte) {
+	if cap(*b) <= 64<<10 {
+		buffers.Put(b)
+	}
 }
 
-// payload is what normalise reads of a notification payload, in both formats.
-// Fields are decoded as any so that a value of the wrong type reads as absent.
-type payload struct {
-	TypeURI      any `json:"typeURI"`
-	ResourceInfo any `json:"resource_info"`
-	Target       struct {
-		ID      any `json:"id"`
-		TypeURI any `json:"typeURI"`
-	} `json:"target"`
-	// identity.group.updated, basic format
-	ActorID        any `json:"actor_id"`
-	ActorType      any `json:"actor_type"`
-	ActorOperation any `json:"actor_operation"`
-	// identity.role_assignment.*, always CADF
-	User      any `json:"user"`
-	Group     any `json:"group"`
-	Project   any `json:"project"`
-	Domain    any `json:"domain"`
-	Role      any `json:"role"`
-	Inherited any `json:"inherited_to_projects"`
+// envelopeField is oslo.version or oslo.message: present unless absent or
+// null (encoding/json leaves a *json.RawMessage nil for null).
+type envelopeField struct {
+	present bool
+	raw     []byte // the JSON value
+	str     jstr   // set when the value is a string
 }
 
-func normalise(e *Event, raw json.RawMessage) {
-	var p payload
-	if len(raw) == 0 || json.Unmarshal(raw, &p) != nil {
-		p = payload{}
+// notificationFields are the fields of a notification (and, in the outer
+// object, of the envelope) that Decode reads.
+type notificationFields struct {
+	version, message                           envelopeField
+	messageID, eventType, publisher, timestamp jstr
+	payload                                    payloadFields
+	// doc, in the outer object, receives the value of an oslo.message
+	// string: message.str.raw is then *doc, unescaped.
+	doc *[]byte
+	// bad is set when encoding/json would fail to decode the object: a
+	// number too large for a float64 in a field it decodes into interface{}.
+	bad bool
+}
+
+// Keys of notificationFields, in notificationKeys order.
+const (
+	keyMessageID = iota
+	keyEventType
+	keyPublisher
+	keyTimestamp
+	keyPayload
+	keyOsloVersion
+	keyOsloMessage
+)
+
+var notificationKeys = []string{"message_id", "event_type", "publisher_id", "timestamp", "payload", "oslo.version", "oslo.message"}
+
+// matchKey returns the index of the name in names that key matches, or -1.
+func matchKey(key jstr, names []string) int {
+	if !key.esc && isASCII(key.raw) {
+		// Folding keeps an ASCII key's length: only a name of that length
+		// can match, equal up to the case of its letters.
+		for i, name := range names {
+			if len(name) == len(key.raw) && equalFoldASCII(key.raw, name) {
+				return i
+			}
+		}
+		return -1
+	}
+	for i, name := range names {
+		if !key.esc && len(key.raw) > 0 && key.raw[0] < utf8.RuneSelf && upperASCII(key.raw[0]) != upperASCII(name[0]) {
+			continue // cannot match, exactly or folded
+		}
+		if keyIs(key, name) {
+			return i
+		}
+	}
+	return -1
+}
+
+func isASCII(b []byte) bool {
+	for _, c := range b {
+		if c >= utf8.RuneSelf {
+			return false
+		}
+	}
+	return true
+}
+
+// equalFoldASCII reports whether the ASCII key and name are equal up to the
+// case of their letters a-z.
+func equalFoldASCII(key []byte, name string) bool {
+	for i := range len(key) {
+		if upperASCII(key[i]) != upperASCII(name[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// notification reads the object at s.pos into n. In the outer object
+// (envelope true) the oslo.version and oslo.message keys are fields too.
+func (s *scanner) notification(n *notificationFields, envelope bool) bool {
+	names := notificationKeys[:keyOsloVersion]
+	if envelope {
+		names = notificationKeys
+	}
+	return s.object(func(key jstr) bool {
+		var ok bool
+		switch matchKey(key, names) {
+		case keyMessageID:
+			n.messageID, ok = s.anyString(&n.bad)
+		case keyEventType:
+			n.eventType, ok = s.anyString(&n.bad)
+		case keyPublisher:
+			n.publisher, ok = s.anyString(&n.bad)
+		case keyTimestamp:
+			n.timestamp, ok = s.anyString(&n.bad)
+		case keyPayload:
+			ok = s.payload(&n.payload)
+		case keyOsloVersion:
+			ok = s.envelopeField(&n.version)
+		case keyOsloMessage:
+			if s.peek() == '"' {
+				start := s.pos
+				*n.doc, ok = s.scanStringInto((*n.doc)[:0])
+				n.message = envelopeField{present: true, raw: s.data[start:s.pos],
+					str: jstr{raw: *n.doc, set: true}}
+			} else {
+				ok = s.envelopeField(&n.message)
+			}
+		default:
+			ok = s.skipValue(false)
+		}
+		return ok
+	})
+}
+
+func (s *scanner) envelopeField(f *envelopeField) bool {
+	start := s.pos
+	*f = envelopeField{}
+	var ok bool
+	switch s.peek() {
+	case '"':
+		f.str, ok = s.scanString()
+	case 'n':
+		return s.literal("null") // absent
+	default:
+		ok = s.skipValue(false)
+	}
+	f.present, f.raw = true, s.data[start:s.pos]
+	return ok
+}
+
+// payloadFields is what normalise reads of a notification payload, in both
+// formats: each field is set only when it holds a string (a bool for
+// inherited).
+type payloadFields struct {
+	typeURI, resourceInfo, targetID    jstr
+	actorID, actorType, actorOperation jstr
+	user, group, project, domain, role jstr
+	inherited                          bool
+	// bad is set when encoding/json would fail to decode the payload into
+	// its struct (target not an object, or a number too large for a
+	// float64): the reference then reads no field at all.
+	bad bool
+}
+
+var payloadKeys = []string{"typeURI", "resource_info", "target", "actor_id", "actor_type", "actor_operation",
+	"user", "group", "project", "domain", "role", "inherited_to_projects"}
+
+var targetKeys = []string{"id", "typeURI"}
+
+// payload reads the payload value at s.pos into p (the last payload key
+// wins, as with encoding/json). A payload that is not an object reads as
+// empty.
+func (s *scanner) payload(p *payloadFields) bool {
+	*p = payloadFields{}
+	switch s.peek() {
+	case '{':
+	case 'n':
+		return s.literal("null")
+	default:
+		return s.skipValue(false)
+	}
+	return s.object(func(key jstr) bool {
+		var ok bool
+		switch matchKey(key, payloadKeys) {
+		case 0:
+			p.typeURI, ok = s.anyString(&p.bad)
+		case 1:
+			p.resourceInfo, ok = s.anyString(&p.bad)
+		case 2:
+			ok = s.target(p)
+		case 3:
+			p.actorID, ok = s.anyString(&p.bad)
+		case 4:
+			p.actorType, ok = s.anyString(&p.bad)
+		case 5:
+			p.actorOperation, ok = s.anyString(&p.bad)
+		case 6:
+			p.user, ok = s.anyString(&p.bad)
+		case 7:
+			p.group, ok = s.anyString(&p.bad)
+		case 8:
+			p.project, ok = s.anyString(&p.bad)
+		case 9:
+			p.domain, ok = s.anyString(&p.bad)
+		case 10:
+			p.role, ok = s.anyString(&p.bad)
+		case 11:
+			switch s.peek() {
+			case 't':
+				p.inherited, ok = true, s.literal("true")
+			case 'f':
+				p.inherited, ok = false, s.literal("false")
+			default:
+				p.inherited = false
+				_, ok = s.anyString(&p.bad)
+			}
+		default:
+			ok = s.skipValue(false)
+		}
+		return ok
+	})
+}
+
+// target reads the payload's target value: an object is merged into what an
+// earlier target key set, null changes nothing, anything else makes the
+// payload unreadable (encoding/json cannot decode it into a struct).
+func (s *scanner) target(p *payloadFields) bool {
+	switch s.peek() {
+	case '{':
+	case 'n':
+		return s.literal("null")
+	default:
+		p.bad = true
+		return s.skipValue(false)
+	}
+	return s.object(func(key jstr) bool {
+		var ok bool
+		switch matchKey(key, targetKeys) {
+		case 0:
+			p.targetID, ok = s.anyString(&p.bad)
+		case 1:
+			_, ok = s.anyString(&p.bad) // not used, but decoded
+		default:
+			ok = s.skipValue(false)
+		}
+		return ok
+	})
+}
+
+// normalise sets e's format, ids and Widen from the payload.
+func normalise(e *Event, p *payloadFields) {
+	if p.bad {
+		p = &payloadFields{}
 	}
 	e.Format = "basic"
-	if s, _ := p.TypeURI.(string); s == cadfTypeURI {
+	if p.typeURI.set && p.typeURI.equal(cadfTypeURI) {
 		e.Format = "cadf"
 	}
 	if !slices.Contains(knownTypes, e.Type) {
@@ -255,10 +496,10 @@ func normalise(e *Event, raw json.RawMessage) {
 	}
 
 	if e.Type == "identity.role_assignment.created" || e.Type == "identity.role_assignment.deleted" {
-		e.UserID, e.GroupID = idOf(p.User), idOf(p.Group)
-		e.ProjectID, e.DomainID = idOf(p.Project), idOf(p.Domain)
-		e.RoleID = idOf(p.Role)
-		e.InheritedToProjects, _ = p.Inherited.(bool)
+		e.UserID, e.GroupID = idOf(p.user), idOf(p.group)
+		e.ProjectID, e.DomainID = idOf(p.project), idOf(p.domain)
+		e.RoleID = idOf(p.role)
+		e.InheritedToProjects = p.inherited
 		if e.UserID == "" && e.GroupID == "" {
 			e.Widen = WidenMissingIDs
 		}
@@ -267,9 +508,9 @@ func normalise(e *Event, raw json.RawMessage) {
 
 	// Every other known type names one object: resource_info in both formats,
 	// and target.id in CADF (for these types the two are the same id).
-	id := idOf(p.ResourceInfo)
+	id := idOf(p.resourceInfo)
 	if id == "" && e.Format == "cadf" {
-		id = idOf(p.Target.ID)
+		id = idOf(p.targetID)
 	}
 	if id == "" {
 		e.Widen = WidenMissingIDs
@@ -284,10 +525,8 @@ func normalise(e *Event, raw json.RawMessage) {
 		e.DomainID = id
 	case "identity.group.updated", "identity.group.deleted":
 		e.GroupID = id
-		if actor := idOf(p.ActorID); actor != "" {
-			typ, _ := p.ActorType.(string)
-			op, _ := p.ActorOperation.(string)
-			e.Actor = &Actor{ID: actor, Type: typ, Operation: op}
+		if actor := idOf(p.actorID); actor != "" {
+			e.Actor = &Actor{ID: actor, Type: p.actorType.String(), Operation: p.actorOperation.String()}
 		}
 	case "identity.role.updated", "identity.role.deleted":
 		e.RoleID = id
@@ -301,11 +540,14 @@ func normalise(e *Event, raw json.RawMessage) {
 	}
 }
 
-// idOf returns v when it is a plausible Keystone id: a non-empty string of at
-// most maxIDLen characters.
-func idOf(v any) string {
-	s, ok := v.(string)
-	if !ok || s == "" || len(s) > maxIDLen {
+// idOf returns the string when it is a plausible Keystone id: non-empty and
+// at most maxIDLen bytes.
+func idOf(j jstr) string {
+	if !j.set || len(j.raw) == 0 || (!j.esc && len(j.raw) > maxIDLen) {
+		return ""
+	}
+	s := j.String()
+	if len(s) > maxIDLen {
 		return ""
 	}
 	return s
