@@ -1,8 +1,15 @@
 package bridge
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -81,6 +88,7 @@ func fillQueue(tb testing.TB, r *rig, queue string, bodies [][]byte) {
 func rawConsume(tb testing.TB, queue string, n, prefetch int) (elapsed, cpu time.Duration) {
 	tb.Helper()
 	start, cpu0 := time.Now(), cpuNow()
+	defer profilePhase(tb, "raw")()
 	conn, err := amqp.Dial(testAMQPURL())
 	if err != nil {
 		tb.Fatal(err)
@@ -125,7 +133,9 @@ func BenchmarkBridgeThroughput(b *testing.B) {
 	rawQueue := r.queue + "-raw"
 	fillQueue(b, r, rawQueue, bodies)
 	b.StartTimer()
+	broker0 := brokerCPU()
 	rawElapsed, rawCPU := rawConsume(b, rawQueue, n, DefaultPrefetch)
+	brokerRaw := brokerCPU() - broker0
 	b.StopTimer()
 
 	bodies = realisticBodies(b, n) // fresh ids
@@ -138,6 +148,10 @@ func BenchmarkBridgeThroughput(b *testing.B) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	b.StartTimer()
+	stopProfile := profilePhase(b, "bridge")
+	broker1 := brokerCPU()
+	var mem0 runtime.MemStats
+	runtime.ReadMemStats(&mem0)
 	start, cpu0 := time.Now(), cpuNow()
 	go func() { done <- br.Run(ctx) }()
 	deadline := time.Now().Add(5 * time.Minute)
@@ -148,6 +162,10 @@ func BenchmarkBridgeThroughput(b *testing.B) {
 		time.Sleep(2 * time.Millisecond)
 	}
 	bridgeElapsed, bridgeCPU := time.Since(start), cpuNow()-cpu0
+	brokerBridge := brokerCPU() - broker1
+	var mem1 runtime.MemStats
+	runtime.ReadMemStats(&mem1)
+	stopProfile()
 	b.StopTimer()
 	cancel()
 	if err := <-done; err != nil {
@@ -167,6 +185,85 @@ func BenchmarkBridgeThroughput(b *testing.B) {
 	// other load on the machine than the rates.
 	b.ReportMetric(float64(rawCPU.Microseconds())/float64(n), "raw_cpu_us/msg")
 	b.ReportMetric(float64(bridgeCPU.Microseconds())/float64(n), "bridge_cpu_us/msg")
+	// RabbitMQ's CPU per message in each phase, when it runs on this
+	// machine (other clients of the shared broker add to it).
+	if broker0 >= 0 && broker1 >= 0 {
+		b.ReportMetric(float64(brokerRaw.Microseconds())/float64(n), "rabbitmq_raw_cpu_us/msg")
+		b.ReportMetric(float64(brokerBridge.Microseconds())/float64(n), "rabbitmq_bridge_cpu_us/msg")
+	}
+	// Heap allocations of the whole process (bridge, AMQP and NATS clients,
+	// embedded NATS server) per message.
+	b.ReportMetric(float64(mem1.Mallocs-mem0.Mallocs)/float64(n), "bridge_allocs/msg")
+	b.ReportMetric(float64(mem1.TotalAlloc-mem0.TotalAlloc)/float64(n), "bridge_B/msg")
+	b.ReportMetric(float64(mem1.NumGC-mem0.NumGC), "bridge_GCs")
+}
+
+// profilePhase writes a CPU profile of one phase of a benchmark to
+// $KSF_BENCH_CPUPROFILE.<phase> when that variable is set (go test's own
+// -cpuprofile covers the set-up too), and returns the function that stops it.
+func profilePhase(tb testing.TB, phase string) (stop func()) {
+	prefix := os.Getenv("KSF_BENCH_CPUPROFILE")
+	if prefix == "" {
+		return func() {}
+	}
+	f, err := os.Create(prefix + "." + phase)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		tb.Fatal(err)
+	}
+	// Allocation profiles at both ends: compare them with
+	// go tool pprof -sample_index=alloc_objects -diff_base <prefix>.<phase>.allocs0 <prefix>.<phase>.allocs1
+	writeAllocs := func(suffix string) {
+		runtime.GC() // the profile is as of the last collection
+		f, err := os.Create(prefix + "." + phase + "." + suffix)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		defer f.Close()
+		if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	writeAllocs("allocs0")
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+		writeAllocs("allocs1")
+	}
+}
+
+// brokerCPU is the user and system CPU time so far of the local RabbitMQ
+// (the one beam.smp process), or -1 when there is not exactly one.
+func brokerCPU() time.Duration {
+	dirs, _ := filepath.Glob("/proc/[0-9]*/comm")
+	var found []string
+	for _, comm := range dirs {
+		if b, err := os.ReadFile(comm); err == nil && strings.TrimSpace(string(b)) == "beam.smp" {
+			found = append(found, filepath.Dir(comm))
+		}
+	}
+	if len(found) != 1 {
+		return -1
+	}
+	stat, err := os.ReadFile(filepath.Join(found[0], "stat"))
+	if err != nil {
+		return -1
+	}
+	// The fields after the command name (which is in parentheses);
+	// utime and stime are the 14th and 15th fields, in clock ticks (USER_HZ, 100/s).
+	rest := stat[bytes.LastIndexByte(stat, ')')+1:]
+	f := strings.Fields(string(rest))
+	if len(f) < 13 {
+		return -1
+	}
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return -1
+	}
+	return time.Duration(utime+stime) * 10 * time.Millisecond
 }
 
 // cpuNow is the process's user and system CPU time so far.
@@ -183,6 +280,7 @@ func BenchmarkDecodeAndMarshal(b *testing.B) {
 	bodies := realisticBodies(b, 1000)
 	b.ReportAllocs()
 	b.ResetTimer()
+	cpu0 := cpuNow()
 	for i := 0; i < b.N; i++ {
 		ev, err := event.Decode(bodies[i%len(bodies)])
 		if err != nil {
@@ -192,15 +290,92 @@ func BenchmarkDecodeAndMarshal(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+	// CPU time varies less than wall time on a shared machine.
+	b.ReportMetric(float64((cpuNow()-cpu0).Nanoseconds())/float64(b.N), "cpu_ns/op")
 }
 
-// BenchmarkJetStreamPublish is the JetStream side alone: async publishes of
+// BenchmarkJetStreamPublish is the JetStream side alone: publishes of
 // encoded events with Nats-Msg-Id to the embedded server, with the bridge's
-// window of 256 in-flight publishes, each awaited in order.
+// window of 256 in-flight publishes. "replies" is how the bridge publishes
+// (core NATS publishes whose replies, the PubAcks, come back on one inbox
+// subscription, read with pubAckResult); "PublishMsgAsync" is the jetstream
+// package's asynchronous publish, each future awaited in order, for
+// comparison.
 func BenchmarkJetStreamPublish(b *testing.B) {
+	b.Run("replies", func(b *testing.B) {
+		env, msgs := jetStreamBench(b)
+		inbox := env.nc.NewInbox() + "."
+		replies := make(chan *nats.Msg, 2*DefaultPublishWindow)
+		sub, err := env.nc.ChanSubscribe(inbox+"*", replies)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer sub.Unsubscribe()
+		slots := make(chan struct{}, DefaultPublishWindow)
+		done := make(chan struct{})
+		b.ResetTimer()
+		start, cpu0 := time.Now(), cpuNow()
+		go func() {
+			defer close(done)
+			for range msgs {
+				if _, err := pubAckResult(<-replies); err != nil {
+					b.Error(err)
+				}
+				<-slots
+			}
+		}()
+		for i, m := range msgs {
+			slots <- struct{}{}
+			m.Reply = inbox + strconv.Itoa(i)
+			if err := env.nc.PublishMsg(m); err != nil {
+				b.Fatal(err)
+			}
+		}
+		<-done
+		reportJetStreamBench(b, start, cpu0)
+	})
+	b.Run("PublishMsgAsync", func(b *testing.B) {
+		env, msgs := jetStreamBench(b)
+		js, err := jetstream.New(env.nc, jetstream.WithPublishAsyncTimeout(DefaultPubAckTimeout))
+		if err != nil {
+			b.Fatal(err)
+		}
+		slots := make(chan struct{}, DefaultPublishWindow)
+		pending := make(chan jetstream.PubAckFuture, DefaultPublishWindow)
+		done := make(chan struct{})
+		b.ResetTimer()
+		start, cpu0 := time.Now(), cpuNow()
+		go func() {
+			defer close(done)
+			for p := range pending {
+				select {
+				case <-p.Ok():
+				case err := <-p.Err():
+					b.Error(err)
+				}
+				<-slots
+			}
+		}()
+		for _, m := range msgs {
+			slots <- struct{}{}
+			p, err := js.PublishMsgAsync(m)
+			if err != nil {
+				b.Fatal(err)
+			}
+			pending <- p
+		}
+		close(pending)
+		<-done
+		reportJetStreamBench(b, start, cpu0)
+	})
+}
+
+// jetStreamBench starts a NATS server with a stream and encodes b.N events
+// for it.
+func jetStreamBench(b *testing.B) (*natsEnv, []*nats.Msg) {
 	env := startNATS(b)
 	sc := StreamConfig{Name: "BENCH_" + randomSuffix(), SubjectPrefix: "bench"}
-	js, err := jetstream.New(env.nc, jetstream.WithPublishAsyncTimeout(DefaultPubAckTimeout))
+	js, err := jetstream.New(env.nc)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -216,33 +391,13 @@ func BenchmarkJetStreamPublish(b *testing.B) {
 		}
 		data, _ := ev.Marshal()
 		msgs[i] = &nats.Msg{Subject: ev.Subject(sc.SubjectPrefix), Data: data,
-			Header: nats.Header{jetstream.MsgIDHeader: []string{ev.ID}}}
+			Header: nats.Header{jetstream.MsgIDHeader: []string{ev.ID}, jetstream.ExpectedStreamHeader: []string{sc.Name}}}
 	}
-	slots := make(chan struct{}, DefaultPublishWindow)
-	pending := make(chan jetstream.PubAckFuture, DefaultPublishWindow)
-	done := make(chan struct{})
-	b.ResetTimer()
-	start := time.Now()
-	go func() {
-		defer close(done)
-		for p := range pending {
-			select {
-			case <-p.Ok():
-			case err := <-p.Err():
-				b.Error(err)
-			}
-			<-slots
-		}
-	}()
-	for _, m := range msgs {
-		slots <- struct{}{}
-		p, err := js.PublishMsgAsync(m)
-		if err != nil {
-			b.Fatal(err)
-		}
-		pending <- p
-	}
-	close(pending)
-	<-done
+	return env, msgs
+}
+
+func reportJetStreamBench(b *testing.B, start time.Time, cpu0 time.Duration) {
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+	// The NATS client and the embedded server, both in this process.
+	b.ReportMetric(float64((cpuNow()-cpu0).Microseconds())/float64(b.N), "cpu_us/msg")
 }

@@ -6,7 +6,9 @@
 // the AMQP delivery only after that publish's own PubAck. Harmless event types
 // are acked and counted; bodies that are not notifications are counted by
 // reason, logged and acked (or dead-lettered). A failed publish nacks and
-// requeues its delivery. Connections are re-established forever, with a
+// requeues its delivery. Acks are batched (one multiple ack covers a run of
+// deliveries that are all stored or filtered, never one still in flight or
+// one that failed; see acker). Connections are re-established forever, with a
 // capped exponential back-off. Several bridges may share one queue: the
 // stream drops the duplicates.
 package bridge
@@ -48,6 +50,11 @@ type Bridge struct {
 	// recheck asks checkStreamPeriodically for a check now: a publish found
 	// no stream.
 	recheck chan struct{}
+	// streamHeader is the Nats-Expected-Stream header value of every
+	// publish, and subjects the subjects of the known event types
+	// (read-only).
+	streamHeader []string
+	subjects     map[string]string
 
 	mu        sync.Mutex
 	amqpErr   error // why the bridge is not consuming, when it is not
@@ -68,8 +75,7 @@ func New(o Options, nc *nats.Conn, reg prometheus.Registerer, log *slog.Logger) 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(o.PubAckTimeout),
-		jetstream.WithPublishAsyncMaxPending(o.PublishWindow+1))
+	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("bridge: JetStream context: %w", err)
 	}
@@ -86,7 +92,12 @@ func New(o Options, nc *nats.Conn, reg prometheus.Registerer, log *slog.Logger) 
 		return nil, err
 	}
 	b := &Bridge{o: o, nc: nc, js: js, filter: filter, tls: tlsConf, m: m, log: log,
-		amqpErr: errors.New("not connected to RabbitMQ yet"), recheck: make(chan struct{}, 1)}
+		amqpErr: errors.New("not connected to RabbitMQ yet"), recheck: make(chan struct{}, 1),
+		streamHeader: []string{o.Stream.Name}, subjects: make(map[string]string)}
+	for _, t := range event.KnownTypes() {
+		e := event.Event{Kind: event.KindNotification, Type: t}
+		b.subjects[t] = e.Subject(o.Stream.SubjectPrefix)
+	}
 	b.setStreamErr(errors.New("stream not checked yet"))
 	b.gate.init(o.ReconnectMin, min(o.ReconnectMax, 5*time.Second), nc)
 	return b, nil
@@ -329,6 +340,7 @@ func (b *backoff) next() time.Duration {
 // error, the next publish waits for a back-off and for the NATS connection to
 // be up. A success opens the gate again.
 type publishGate struct {
+	failing  atomic.Bool // failures > 0, read without the lock
 	mu       sync.Mutex
 	failures int
 	notUntil time.Time
@@ -345,6 +357,7 @@ func (g *publishGate) fail() bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.failures++
+	g.failing.Store(true)
 	d := g.lo << min(g.failures-1, 16)
 	if d > g.hi || d <= 0 {
 		d = g.hi
@@ -356,13 +369,20 @@ func (g *publishGate) fail() bool {
 }
 
 func (g *publishGate) success() {
+	if !g.failing.Load() {
+		return
+	}
 	g.mu.Lock()
 	g.failures = 0
+	g.failing.Store(false)
 	g.mu.Unlock()
 }
 
 // wait returns once publishing may go on, or false when ctx or stop ends first.
 func (g *publishGate) wait(ctx context.Context, stop <-chan struct{}) bool {
+	if !g.failing.Load() {
+		return true
+	}
 	for {
 		g.mu.Lock()
 		failures, until := g.failures, g.notUntil

@@ -3,6 +3,7 @@ package bridge
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/prometheus/client_golang/prometheus"
@@ -53,6 +54,11 @@ type metrics struct {
 	reconnects    *prometheus.CounterVec
 	inFlight      prometheus.Gauge
 	latency       prometheus.Histogram
+
+	// The labelled counters of every label value, resolved once.
+	filteredBy sync.Map // label value -> prometheus.Counter, filled on first use
+	rejectedBy map[event.Reason]prometheus.Counter
+	widenedBy  map[string]prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -114,11 +120,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}
 	}
 	// Show zero counts for every known label value.
+	m.rejectedBy = make(map[event.Reason]prometheus.Counter)
 	for _, r := range event.Reasons {
-		m.rejected.WithLabelValues(string(r))
+		m.rejectedBy[r] = m.rejected.WithLabelValues(string(r))
 	}
+	m.widenedBy = make(map[string]prometheus.Counter)
 	for _, w := range []string{event.WidenUnknownType, event.WidenMissingIDs, widenDecodeError} {
-		m.widened.WithLabelValues(w)
+		m.widenedBy[w] = m.widened.WithLabelValues(w)
 	}
 	for _, s := range []string{sideAMQP, sideNATS} {
 		m.reconnects.WithLabelValues(s)
@@ -130,6 +138,34 @@ const (
 	sideAMQP = "amqp"
 	sideNATS = "nats"
 )
+
+// filteredCounter is filtered_total for eventType.
+func (m *metrics) filteredCounter(eventType string) prometheus.Counter {
+	label := filteredLabel(eventType)
+	if c, ok := m.filteredBy.Load(label); ok {
+		return c.(prometheus.Counter)
+	}
+	// Created on first use, so that only the types seen show.
+	c := m.filtered.WithLabelValues(label)
+	m.filteredBy.Store(label, c)
+	return c
+}
+
+// rejectedCounter is rejected_total for r.
+func (m *metrics) rejectedCounter(r event.Reason) prometheus.Counter {
+	if c, ok := m.rejectedBy[r]; ok {
+		return c
+	}
+	return m.rejected.WithLabelValues(string(r))
+}
+
+// widenedCounter is widened_total for the widen reason.
+func (m *metrics) widenedCounter(reason string) prometheus.Counter {
+	if c, ok := m.widenedBy[reason]; ok {
+		return c
+	}
+	return m.widened.WithLabelValues(widenOther)
+}
 
 func filteredLabel(eventType string) string {
 	if filteredTypes[eventType] {

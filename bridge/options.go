@@ -110,8 +110,7 @@ type Options struct {
 	// publishes awaiting their PubAck at once; consumption waits while full.
 	PublishWindow int
 	// DecodeWorkers (--decode-workers, default GOMAXPROCS) is how many
-	// goroutines decode and publish deliveries in parallel; decoding is the
-	// bridge's main CPU cost.
+	// goroutines decode and publish deliveries in parallel.
 	DecodeWorkers int
 	// PubAckTimeout (--puback-timeout, default 5s) is how long one publish
 	// waits for its PubAck. On expiry the delivery is nacked and requeued

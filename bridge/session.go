@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
+	"strconv"
 	"sync"
 	"time"
 
@@ -18,23 +20,20 @@ import (
 // closeTimeout bounds the AMQP close handshake.
 const closeTimeout = 2 * time.Second
 
-// inflight is one delivery whose event awaits its PubAck.
-type inflight struct {
-	tag   uint64
-	paf   jetstream.PubAckFuture
-	id    string
-	typ   string
-	since time.Time // the event's time, for the latency histogram
-}
-
 // session is one AMQP connection's consumption.
 type session struct {
 	ch      *amqp.Channel
 	tag     string
 	slots   chan struct{} // one per publish awaiting its PubAck
-	pending chan inflight // publishes in order, for the acker
-	lost    chan struct{} // closed when the connection, channel or consumer ends
-	lostErr error         // why, readable after lost is closed
+	pending chan inflight // deliveries to settle, for the acker
+	// The stream replies to the publish of delivery tag T on inbox+"T";
+	// the replies arrive on replies. natsDown reports the losses of the
+	// NATS connection, with which replies are lost.
+	inbox    string
+	replies  chan *nats.Msg
+	natsDown chan nats.Status
+	lost     chan struct{} // closed when the connection, channel or consumer ends
+	lostErr  error         // why, readable after lost is closed
 }
 
 // session connects to url, declares the topology and consumes until the
@@ -42,6 +41,20 @@ type session struct {
 // reports whether consumption started; err says why the session ended (nil
 // when ctx ended).
 func (b *Bridge) session(ctx context.Context, url string) (consumed bool, err error) {
+	// The stream replies to the session's publishes on the session's own
+	// inbox, straight into a channel the acker reads. The NATS client drops
+	// a reply when the channel is full: it holds more than the publish
+	// window (and a dropped reply is a publish timeout, never a loss).
+	inbox := b.nc.NewInbox() + "."
+	replies := make(chan *nats.Msg, 2*b.o.PublishWindow+64)
+	replySub, err := b.nc.ChanSubscribe(inbox+"*", replies)
+	if err != nil {
+		return false, fmt.Errorf("subscribing to JetStream replies on %s*: %w", inbox, err)
+	}
+	defer func() { _ = replySub.Unsubscribe() }()
+	natsDown := b.nc.StatusChanged(nats.RECONNECTING, nats.CLOSED)
+	defer b.nc.RemoveStatusListener(natsDown)
+
 	conn, err := b.dial(url)
 	if err != nil {
 		return false, fmt.Errorf("connecting: %w", err)
@@ -61,6 +74,7 @@ func (b *Bridge) session(ctx context.Context, url string) (consumed bool, err er
 	if err != nil {
 		return false, err
 	}
+	s.inbox, s.replies, s.natsDown = inbox, replies, natsDown
 	chClosed := s.ch.NotifyClose(make(chan *amqp.Error, 1))
 	cancelled := s.ch.NotifyCancel(make(chan string, 1))
 	go s.watch(connClosed, chClosed, cancelled)
@@ -75,58 +89,40 @@ func (b *Bridge) session(ctx context.Context, url string) (consumed bool, err er
 	b.log.Info("consuming from RabbitMQ", "url", redactedURLs([]string{url})[0], "queue", b.o.Queue, "consumer_tag", s.tag)
 
 	ackerDone := make(chan struct{})
-	go b.acker(s, ackerDone)
+	go b.acker(s, s.ch, ackerDone)
 
-	// Decoding is the costly part: several workers decode and publish while
-	// this loop hands them the deliveries. Order does not matter: acks are
-	// per delivery and events are order-free.
-	jobs := make(chan amqp.Delivery, b.o.DecodeWorkers)
+	// Decoding and publishing run in several workers, each taking the next
+	// delivery. Order does not matter: events are order-free, and the acker
+	// acks a delivery only once it and every delivery before it are settled.
 	var workers sync.WaitGroup
 	for range b.o.DecodeWorkers {
 		workers.Add(1)
 		go func() {
 			defer workers.Done()
-			for d := range jobs {
-				b.handle(ctx, s, d)
-			}
+			b.work(ctx, s, deliveries)
 		}()
 	}
+	workersDone := make(chan struct{})
+	go func() { workers.Wait(); close(workersDone) }()
 
 	var endErr error
-loop:
-	for {
+	select {
+	case <-ctx.Done():
+	case <-s.lost:
+		endErr = s.lostErr
+	case <-workersDone:
+		// The consumer's deliveries ended: the watcher knows why.
 		select {
-		case <-ctx.Done():
-			break loop
 		case <-s.lost:
 			endErr = s.lostErr
-			break loop
-		case d, ok := <-deliveries:
-			if !ok {
-				// The consumer ended: the watcher knows why.
-				select {
-				case <-s.lost:
-					endErr = s.lostErr
-				case <-time.After(closeTimeout):
-					endErr = errors.New("the consumer's deliveries ended")
-				}
-				break loop
-			}
-			select {
-			case jobs <- d:
-			case <-ctx.Done():
-				break loop
-			case <-s.lost:
-				endErr = s.lostErr
-				break loop
-			}
+		case <-time.After(closeTimeout):
+			endErr = errors.New("the consumer's deliveries ended")
 		}
 	}
 	b.consuming.Store(false)
-	// Workers finish quickly: with ctx or the session gone, handle leaves the
+	// Workers finish quickly: with ctx or the session gone, they leave the
 	// remaining deliveries unacknowledged for RabbitMQ to redeliver.
-	close(jobs)
-	workers.Wait()
+	<-workersDone
 
 	wait := b.o.PubAckTimeout + closeTimeout
 	if ctx.Err() != nil {
@@ -302,14 +298,29 @@ func closeReason(what string, e *amqp.Error, ok bool) error {
 	return fmt.Errorf("%s closed: %w", what, e)
 }
 
-// handle processes one delivery. It returns false when ctx ended or the
-// session was lost while waiting to publish (the delivery is then left
-// unacknowledged, and RabbitMQ redelivers it).
-func (b *Bridge) handle(ctx context.Context, s *session, d amqp.Delivery) bool {
+// work handles deliveries until they end, ctx ends or the session is lost.
+func (b *Bridge) work(ctx context.Context, s *session, deliveries <-chan amqp.Delivery) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.lost:
+			return
+		case d, ok := <-deliveries:
+			if !ok || !b.handle(ctx, s, &d) {
+				return
+			}
+		}
+	}
+}
+
+// handle processes one delivery and hands it to the acker. It returns false
+// when ctx ended or the session was lost while waiting to publish (the
+// delivery is then left unacknowledged, and RabbitMQ redelivers it).
+func (b *Bridge) handle(ctx context.Context, s *session, d *amqp.Delivery) bool {
 	if ctx.Err() != nil {
 		return false
 	}
-	received := time.Now().UTC()
 	b.m.received.Inc()
 	if len(d.Body) > b.o.MaxBodySize {
 		b.reject(s, d, &event.RejectError{Reason: event.ReasonTooLarge,
@@ -326,26 +337,28 @@ func (b *Bridge) handle(ctx context.Context, s *session, d amqp.Delivery) bool {
 		return true
 	}
 	if b.filter.Filtered(ev.Type) {
-		b.m.filtered.WithLabelValues(filteredLabel(ev.Type)).Inc()
-		b.log.Debug("filtered notification", "message_id", ev.ID, "event_type", ev.Type)
-		b.ack(s, d.DeliveryTag, ev.ID)
+		b.m.filteredCounter(ev.Type).Inc()
+		if b.log.Enabled(ctx, slog.LevelDebug) {
+			b.log.Debug("filtered notification", "message_id", ev.ID, "event_type", ev.Type)
+		}
+		s.pending <- inflight{tag: d.DeliveryTag, how: settleAck, id: ev.ID}
 		return true
 	}
 	if ev.Time.IsZero() {
-		ev.Time = received
+		ev.Time = time.Now().UTC()
 	}
 	if ev.Widen != "" {
-		b.m.widened.WithLabelValues(widenLabel(ev.Widen)).Inc()
+		b.m.widenedCounter(ev.Widen).Inc()
 		b.log.Warn("notification cannot be bounded: agents will remove every token entry",
 			"message_id", ev.ID, "event_type", ev.Type, "reason", ev.Widen)
 	}
 	data, err := ev.Marshal()
 	if err != nil {
 		// Only a time outside years 0-9999 can fail; never drop the event.
-		ev.Time = received
+		ev.Time = time.Now().UTC()
 		if data, err = ev.Marshal(); err != nil {
 			b.log.Error("cannot encode event; requeueing", "message_id", ev.ID, "event_type", ev.Type, "err", err)
-			b.nack(s, d.DeliveryTag, ev.ID)
+			s.pending <- inflight{tag: d.DeliveryTag, how: settleRequeue, id: ev.ID}
 			return true
 		}
 	}
@@ -360,54 +373,28 @@ func (b *Bridge) handle(ctx context.Context, s *session, d amqp.Delivery) bool {
 	case <-s.lost:
 		return false
 	}
+	subject, ok := b.subjects[ev.Type]
+	if !ok {
+		subject = ev.Subject(b.o.Stream.SubjectPrefix)
+	}
 	msg := &nats.Msg{
-		Subject: ev.Subject(b.o.Stream.SubjectPrefix),
+		Subject: subject,
+		Reply:   s.inbox + strconv.FormatUint(d.DeliveryTag, 10),
 		Data:    data,
 		Header: nats.Header{
 			jetstream.MsgIDHeader:          []string{ev.ID},
-			jetstream.ExpectedStreamHeader: []string{b.o.Stream.Name},
+			jetstream.ExpectedStreamHeader: b.streamHeader,
 		},
 	}
-	paf, err := b.js.PublishMsgAsync(msg)
-	if err != nil {
-		<-s.slots
+	// The acker learns of the publish before its reply can come.
+	b.m.inFlight.Inc()
+	s.pending <- inflight{tag: d.DeliveryTag, how: settlePublished, id: ev.ID, typ: ev.Type, since: ev.Time}
+	if err := b.nc.PublishMsg(msg); err != nil {
 		b.m.publishErrors.Inc()
 		b.publishFailed(err, ev.ID, ev.Type)
-		b.nack(s, d.DeliveryTag, ev.ID)
-		return true
+		s.pending <- inflight{tag: d.DeliveryTag, how: settlePublishFailed, id: ev.ID}
 	}
-	b.m.inFlight.Inc()
-	s.pending <- inflight{tag: d.DeliveryTag, paf: paf, id: ev.ID, typ: ev.Type, since: ev.Time}
 	return true
-}
-
-// acker settles each publish in turn: ack its delivery after its PubAck
-// (a duplicate counts as stored), nack and requeue it after an error. Acks
-// are per delivery (multiple=false), so a failed publish is never acked by a
-// later one's ack. Every PubAckFuture resolves: with a PubAck, an error, or
-// the PubAck timeout.
-func (b *Bridge) acker(s *session, done chan<- struct{}) {
-	defer close(done)
-	for it := range s.pending {
-		select {
-		case ack := <-it.paf.Ok():
-			if ack.Duplicate {
-				b.m.duplicates.Inc()
-			} else {
-				b.m.published.Inc()
-				b.m.latency.Observe(time.Since(it.since).Seconds())
-			}
-			b.gate.success()
-			b.streamReachable()
-			b.ack(s, it.tag, it.id)
-		case err := <-it.paf.Err():
-			b.m.publishErrors.Inc()
-			b.publishFailed(err, it.id, it.typ)
-			b.nack(s, it.tag, it.id)
-		}
-		b.m.inFlight.Dec()
-		<-s.slots
-	}
 }
 
 // streamReachable records a PubAck as proof that the stream is reachable.
@@ -417,37 +404,19 @@ func (b *Bridge) streamReachable() {
 	}
 }
 
-func (b *Bridge) ack(s *session, tag uint64, id string) {
-	if err := s.ch.Ack(tag, false); err != nil {
-		b.m.ackErrors.Inc()
-		b.log.Debug("ack failed; RabbitMQ will redeliver and the stream dedupe it", "message_id", id, "err", err)
-	}
-}
-
-func (b *Bridge) nack(s *session, tag uint64, id string) {
-	if err := s.ch.Nack(tag, false, true); err != nil {
-		b.m.ackErrors.Inc()
-		b.log.Debug("nack failed; RabbitMQ will redeliver anyway", "message_id", id, "err", err)
-	}
-}
-
-// reject counts, logs and settles a body that is not a notification: acked,
-// or nacked without requeue when a dead-letter exchange is configured.
-func (b *Bridge) reject(s *session, d amqp.Delivery, r *event.RejectError) {
-	b.m.rejected.WithLabelValues(string(r.Reason)).Inc()
+// reject counts and logs a body that is not a notification, and has the
+// acker ack it, or nack it without requeue when a dead-letter exchange is
+// configured.
+func (b *Bridge) reject(s *session, d *amqp.Delivery, r *event.RejectError) {
+	b.m.rejectedCounter(r.Reason).Inc()
 	b.log.Warn("rejected AMQP message: not a Keystone notification",
 		"reason", string(r.Reason), "message_id", r.MessageID, "amqp_message_id", d.MessageId,
 		"redelivered", d.Redelivered, "body_bytes", len(d.Body), "err", r.Err)
-	var err error
+	how := settleAck
 	if b.o.DeadLetterExchange != "" {
-		err = s.ch.Nack(d.DeliveryTag, false, false)
-	} else {
-		err = s.ch.Ack(d.DeliveryTag, false)
+		how = settleDeadLetter
 	}
-	if err != nil {
-		b.m.ackErrors.Inc()
-		b.log.Debug("settling a rejected message failed; RabbitMQ will redeliver it", "message_id", r.MessageID, "err", err)
-	}
+	s.pending <- inflight{tag: d.DeliveryTag, how: how, id: r.MessageID}
 }
 
 // decode is event.Decode that turns a panic into an unbounded event: a body
