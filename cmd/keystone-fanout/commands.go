@@ -79,3 +79,31 @@ func parseErr(err error) error {
 	}
 	return usageError{err}
 }
+
+const sweepUsage = `Usage: keystone-fanout sweep --reason TEXT [flags]
+
+Publishes one event that makes every region agent remove every token entry of its
+region, once. For changes that Keystone announces nowhere, such as an identity
+provider deleted or disabled.`
+
+func runSweep(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	var o app.SweepOptions
+	s := config.New("sweep", sweepUsage, stderr)
+	registerNATS(s, &o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+	s.String(&o.SubjectPrefix, "subject-prefix", "keystone", "first token of the stream's subjects")
+	s.String(&o.Reason, "reason", "", "why every region should drop its cached tokens (logged by every agent)")
+	if err := s.Parse(args, getenv); err != nil {
+		return parseErr(err)
+	}
+	if err := o.NATS.Validate(); err != nil {
+		return usageError{err}
+	}
+	if o.Reason == "" {
+		return usageError{errors.New("--reason is required: say why every region should drop its cached tokens")}
+	}
+	log, err := newLogger(stderr, "text", "warn")
+	if err != nil {
+		return err
+	}
+	return app.RunSweep(ctx, o, stdout, log)
+}

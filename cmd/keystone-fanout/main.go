@@ -28,6 +28,7 @@ Commands:
   agent       one per region: remove revoked tokens' cache entries from the region's memcached
   all-in-one  the embedded NATS server, the bridge and one agent in one process
   status      the stream and every region's position in it
+  sweep       make every region remove every token entry once (changes Keystone does not announce)
   version     print the version
 
 Run 'keystone-fanout <command> --help' for a command's flags. Every flag can also be
@@ -44,6 +45,7 @@ var commands = map[string]command{
 	"agent":      runAgent,
 	"all-in-one": runAllInOne,
 	"status":     runStatus,
+	"sweep":      runSweep,
 }
 
 func main() {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -64,6 +65,16 @@ func eventually(t testing.TB, timeout time.Duration, what string, cond func() (b
 	}
 }
 
+// freeAddr returns a loopback address with a port that was free a moment ago.
+func freeAddr(t testing.TB) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
 func httpGet(url string) (int, string) {
 	resp, err := http.Get(url)
 	if err != nil {
@@ -108,12 +119,13 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 
 	s := suffix()
 	exchange, queue := "app-test-x-"+s, "app-test-q-"+s
+	natsAddr := freeAddr(t)
 	reg := prometheus.NewRegistry()
 	addr := make(chan string, 1)
 	o := AllInOneOptions{
 		Bridge: BridgeOptions{
 			Bridge:   bridge.Options{AMQPURLs: []string{amqpURL()}, Exchange: exchange, Queue: queue, QueueType: bridge.QueueClassic},
-			Embedded: natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir()},
+			Embedded: natsserver.Options{Listen: natsAddr, DataDir: t.TempDir()},
 			HTTPAddr: "127.0.0.1:0", Registry: reg, OnListen: func(a string) { addr <- a },
 			ShutdownTimeout: 20 * time.Second,
 		},
@@ -162,6 +174,17 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 	if code, _ := httpGet(base + "/healthz"); code != 200 {
 		t.Errorf("/healthz = %d, want 200", code)
 	}
+
+	// An operator's sweep (a change Keystone announces nowhere) removes every
+	// token entry, and only token entries.
+	var out strings.Builder
+	if err := RunSweep(ctx, SweepOptions{NATS: natsconn.Options{URL: "nats://" + natsAddr}, Reason: "identity provider deleted"}, &out, testLog(t)); err != nil {
+		t.Fatalf("sweep: %v", err)
+	}
+	eventually(t, 30*time.Second, "every entry gone after the sweep", func() (bool, string) {
+		left := cache.Read(otherTokens)
+		return len(left) == 0, fmt.Sprintf("%d of %d still cached (%s)", len(left), len(otherTokens), out.String())
+	})
 
 	cancel()
 	select {
