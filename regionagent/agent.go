@@ -490,6 +490,9 @@ func (a *Agent) startCheck(ctx context.Context, si *jetstream.StreamInfo, ci *je
 	t.mu.Lock()
 	reason := ""
 	var floor uint64
+	// The consumer existed before when this process bound to it already, or
+	// the region's checkpoint records a position: created now, it was deleted.
+	existedBefore := t.initialized || cp != nil
 	switch {
 	case !t.initialized:
 		switch {
@@ -520,6 +523,9 @@ func (a *Agent) startCheck(ctx context.Context, si *jetstream.StreamInfo, ci *je
 	first := si.State.FirstSeq
 	if reason == "" && first > floor+1 && vanishedMayMatter(si.State, w) {
 		reason = GapStreamTruncated
+	}
+	if reason == "" && created && existedBefore {
+		reason = GapConsumerRecreated
 	}
 	var gapSeq, gen uint64
 	if reason != "" {
@@ -553,7 +559,7 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 	if err != nil {
 		return fmt.Errorf("consuming from %s: %w", a.o.Region, err)
 	}
-	defer it.Stop()
+	defer stopIterator(it)
 	a.setBound(true)
 	a.log.Info("consuming", "stream", a.o.Stream, "consumer", a.o.Region)
 	for {
@@ -582,6 +588,27 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 		default:
 			a.m.consumerErrors.WithLabelValues(consumerErrIterator).Inc()
 			return fmt.Errorf("consuming from %s: %w", a.o.Region, err)
+		}
+	}
+}
+
+// stopIterator stops it and waits, up to a second, until its subscription is
+// gone: JetStream may otherwise still deliver to it, and a message delivered
+// to a stopped iterator is lost until its redelivery.
+func stopIterator(it jetstream.MessagesContext) {
+	it.Stop()
+	c, ok := it.(interface{ Closed() <-chan struct{} })
+	if !ok {
+		return
+	}
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		// Closed closes the channel it returns once the subscription is
+		// no longer valid, when called after that.
+		select {
+		case <-c.Closed():
+			return
+		case <-time.After(5 * time.Millisecond):
 		}
 	}
 }

@@ -33,18 +33,20 @@ import (
 //     empty, its last one) is older than W, and every vanished event is older
 //     than that. A checkpoint of another stream means the region's unhandled
 //     events may have gone with the old stream: a gap.
-//   - While consuming, new events arrive in stream order, so a first delivery
+//   - While consuming, new events arrive in stream order, so a delivery
 //     whose sequence is more than one past the highest delivered one means the
 //     consumer moved past the events in between without this agent receiving
-//     them. That is not proof that they vanished: JetStream also counts as
-//     delivered a message lost in transit (the connection carrying it
-//     dropped), which it redelivers after the ack wait while newer events keep
-//     coming, and a message delivered to another agent of the same region. So
-//     the agent looks the skipped sequences up in the stream (skipped.go):
-//     every one still there is fetched and invalidated at once (its
-//     redelivery, if any, is handled and acknowledged again: invalidation is
-//     idempotent); only one that is gone (deleted, expired, purged) is a gap.
-//     Nothing matters when the new event is older than W.
+//     them (a redelivery counts too: after a reset, or when the first delivery
+//     was lost, redeliveries come in stream order). That is not proof that
+//     they vanished: JetStream also counts as delivered a message lost in
+//     transit (the connection carrying it dropped), which it redelivers after
+//     the ack wait while newer events keep coming, and a message delivered to
+//     another agent of the same region. So the agent looks the skipped
+//     sequences up in the stream (skipped.go): every one still there is
+//     fetched and invalidated at once (its redelivery, if any, is handled and
+//     acknowledged again: invalidation is idempotent); only one that is gone
+//     (deleted, expired, purged) is a gap. Nothing matters when the new event
+//     is older than W.
 //   - The audit: when the stream's first sequence is beyond the highest
 //     delivered one at two audits in a row, events vanished and nothing newer
 //     came to reveal it by a jump (a purge also moves the consumer past them).
@@ -56,9 +58,11 @@ import (
 //
 // What is not detected: a single event deleted from the middle of the stream
 // (nats stream rmm) after it was delivered to an agent that then stopped
-// without acknowledging it, unless the next agent can reset the consumer to
-// its ack floor (NATS server 2.14 or later, see Agent.handBackOrphans): then
-// the redelivery from the ack floor skips the deleted event and reveals it.
+// without acknowledging it, when no later event of that agent's comes again
+// to reveal the jump. The next agent resets the consumer to its ack floor
+// when it can (NATS server 2.14 or later, see Agent.handBackOrphans): the
+// redelivery from the ack floor then skips the deleted event and reveals it
+// unless it was the last one delivered.
 
 // GapEventType is the Type of the unbounded event a gap is handled with.
 const GapEventType = "keystone-fanout.gap"
@@ -165,17 +169,17 @@ func (t *tracker) done(gen, seq uint64, gap bool) {
 }
 
 // delivery records a delivered message (stored at stored; w is the window
-// start). When it is a first delivery more than one past the highest sequence
-// seen, and not older than w, it returns the sequences in between as
-// skipped: the caller must find out whether they are still in the stream and
-// then call skippedResolved. Until then the sequences at and above the first
+// start). When it is more than one past the highest sequence seen, and not
+// older than w, it returns the sequences in between as skipped: the caller
+// must find out whether they are still in the stream and then call
+// skippedResolved. Until then the sequences at and above the first
 // skipped one do not count as handled. redelivery reports whether the
 // message was delivered before, to this agent or to a previous one.
 func (t *tracker) delivery(seq, numDelivered uint64, stored, w time.Time) (gen uint64, skipped seqRange, redelivery bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	redelivery = numDelivered > 1 || seq <= t.replayedUpTo
-	if numDelivered == 1 && seq > t.maxSeen+1 && !stored.Before(w) {
+	if seq > t.maxSeen+1 && !stored.Before(w) {
 		skipped = seqRange{lo: t.maxSeen + 1, hi: seq - 1}
 		t.hold(t.gen, skipped.lo)
 	}

@@ -25,9 +25,15 @@ const (
 	// GapPurgedBeforeDelivery: the audit found the stream's first sequence
 	// beyond the last delivered one: events vanished and nothing newer came.
 	GapPurgedBeforeDelivery = "purged_before_delivery"
+	// GapConsumerRecreated: the region's consumer had existed (this process
+	// consumed from it, or the region's checkpoint records a position) and had
+	// to be created again. Its replay of the last token-cache-time covers what
+	// the stream still holds, but where the old consumer stood, and whether it
+	// had been handed events nobody handled, is unknown: sweep rather than trust it.
+	GapConsumerRecreated = "consumer_recreated"
 )
 
-var gapReasons = []string{GapStreamTruncated, GapStreamRecreated, GapSequenceJump, GapPurgedBeforeDelivery}
+var gapReasons = []string{GapStreamTruncated, GapStreamRecreated, GapSequenceJump, GapPurgedBeforeDelivery, GapConsumerRecreated}
 
 // Pass label values.
 const (

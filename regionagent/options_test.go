@@ -120,7 +120,7 @@ func TestTracker(t *testing.T) {
 		{"jump over young events", 14, 1, in, seqRange{12, 13}, false, 4},
 		{"jump over old events", 20, 1, old, seqRange{}, false, 4},
 		{"replay after re-creation", 12, 1, in, seqRange{}, false, 4},
-		{"jump over one", 22, 1, in, seqRange{21, 21}, false, 4},
+		{"redelivery past the others", 22, 2, in, seqRange{21, 21}, true, 4},
 	}
 	for _, s := range steps {
 		_, skipped, redelivery := tr.delivery(s.seq, s.nd, s.stored, w)

@@ -107,12 +107,17 @@ type fetchResult struct {
 	found  map[uint64]*storedMsg
 	gone   []uint64
 	failed int
-	err    error // one of the failures
+	err    error // the first failure
 }
 
-// fetchSkipped gets every sequence of r from the stream, a few at a time.
+// fetchSkipped gets every sequence of r from the stream, a few at a time. It
+// stops at the first sequence gone (that is a gap already) and at the first
+// failure (NATS away, a permission missing: the stream's state decides for
+// the sequences not fetched).
 func (a *Agent) fetchSkipped(ctx context.Context, r seqRange) fetchResult {
 	res := fetchResult{found: map[uint64]*storedMsg{}}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	var mu sync.Mutex
 	seqs := make(chan uint64)
 	var wg sync.WaitGroup
@@ -126,16 +131,27 @@ func (a *Agent) fetchSkipped(ctx context.Context, r seqRange) fetchResult {
 					res.found[seq] = m
 				case errors.Is(err, errMsgGone):
 					res.gone = append(res.gone, seq)
+					cancel()
+				case ctx.Err() != nil:
+					// Stopped: another get failed or found a gap.
 				default:
 					res.failed++
-					res.err = err
+					if res.err == nil {
+						res.err = err
+					}
+					cancel()
 				}
 				mu.Unlock()
 			}
 		})
 	}
+send:
 	for seq := r.lo; seq <= r.hi; seq++ {
-		seqs <- seq
+		select {
+		case seqs <- seq:
+		case <-ctx.Done():
+			break send
+		}
 	}
 	close(seqs)
 	wg.Wait()
@@ -198,14 +214,14 @@ func (a *Agent) resolveSkipped(ctx context.Context, gen uint64, r seqRange, next
 		// them) and the next agent sees them again.
 		return
 	}
-	gap, why := len(res.gone) > 0, ""
+	gap, why := len(res.gone) > 0, "every one fetched"
 	switch {
 	case gap:
 		why = fmt.Sprintf("%d of them are no longer in the stream, for example sequence %d", len(res.gone), res.gone[0])
 	case uint64(len(res.found)) < r.len():
 		gap, why = a.goneFromStream(ctx, r, res.found)
 		if res.failed > 0 {
-			why = fmt.Sprintf("%d could not be fetched (%v); %s", res.failed, res.err, why)
+			why = fmt.Sprintf("fetching them failed (%v); %s", res.err, why)
 		}
 	}
 	if ctx.Err() != nil {

@@ -19,7 +19,8 @@ import (
 func TestResolveSkipped(t *testing.T) {
 	tests := []struct {
 		name    string
-		limit   int // Options.skippedFetchLimit
+		limit   int    // Options.skippedFetchLimit
+		stream  string // the stream the agent reads, when not the one holding the events
 		change  func(t *testing.T, s jetstream.Stream)
 		skipped seqRange
 		wantGap bool
@@ -38,6 +39,7 @@ func TestResolveSkipped(t *testing.T) {
 		{name: "not fetched, purged", limit: -1, skipped: seqRange{1, 2}, change: purgeBelow(4), wantGap: true},
 		{name: "longer than the fetch limit", limit: 2, skipped: seqRange{1, 4}},
 		{name: "longer than the fetch limit, one deleted", limit: 2, skipped: seqRange{1, 4}, change: deleteSeq(2), wantGap: true},
+		{name: "cannot be looked up", stream: "MISSING", skipped: seqRange{2, 4}, wantGap: true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -55,6 +57,9 @@ func TestResolveSkipped(t *testing.T) {
 			}
 			o := testOptions()
 			o.skippedFetchLimit = tc.limit
+			if tc.stream != "" {
+				o.Stream = tc.stream
+			}
 			a, err := New(o, env.nc, &fakeInvalidator{}, prometheus.NewRegistry(), testLogger(t))
 			if err != nil {
 				t.Fatal(err)
@@ -151,8 +156,10 @@ func TestLostDeliveryIsNotAGap(t *testing.T) {
 	px.CloseConnections()
 	px.Resume()
 	dropped := time.Now()
+	// Until the agent reconnected, the next event could be lost the same way.
 	waitFor(t, 10*time.Second, "the agent's connection back", func() (bool, string) {
-		return agentNC.IsConnected(), agentNC.Status().String()
+		n := agentNC.Stats().Reconnects
+		return n >= 1 && agentNC.IsConnected(), fmt.Sprintf("%s after %d reconnects", agentNC.Status(), n)
 	})
 
 	env.publish(e3)
@@ -225,5 +232,49 @@ func TestGapSequenceJumpWhileRunning(t *testing.T) {
 	}
 	if n := counter(ra.m.skippedFetched); n != 0 {
 		t.Fatalf("skipped_events_fetched_total = %v, want 0", n)
+	}
+}
+
+// TestGapEventDeletedWhileAKilledAgentHeldIt: a previous agent was given
+// events and died without acknowledging them; one of them was then deleted
+// from the stream. The restarted agent resets the consumer to its ack floor;
+// the redelivery skips the deleted event, which reveals the gap.
+func TestGapEventDeletedWhileAKilledAgentHeldIt(t *testing.T) {
+	env := newEnv(t)
+	var away []uint64
+	ra, inv := stopAndRestart(t, env, testOptions(), 3, func() {
+		away = env.publish(events(100, 3)...)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		// The "killed agent": it takes the events and never answers.
+		c, err := env.js.Consumer(ctx, testStream, testRegion)
+		if err != nil {
+			t.Fatal(err)
+		}
+		batch, err := c.Fetch(len(away), jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for range batch.Messages() {
+			n++
+		}
+		if n != len(away) {
+			t.Fatalf("the killed agent got %d events, want %d (%v)", n, len(away), batch.Error())
+		}
+		s, err := env.js.Stream(ctx, testStream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		deleteSeq(away[1])(t, s)
+	})
+	env.waitAcked(away[2], 10*time.Second)
+	waitFor(t, 10*time.Second, "a gap sweep for the deleted event", func() (bool, string) {
+		return ra.gaps(GapSequenceJump) == 1 && inv.gapCalls() == 1,
+			fmt.Sprintf("gaps %v, sweeps %d", ra.gaps(GapSequenceJump), inv.gapCalls())
+	})
+	waitProcessed(t, inv, []string{testEvent(100).ID, testEvent(102).ID}, 1, 5*time.Second)
+	if n := counter(ra.m.resets); n != 1 {
+		t.Fatalf("consumer_resets_total = %v, want 1", n)
 	}
 }
