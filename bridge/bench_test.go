@@ -16,10 +16,11 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/fixtures"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	amqp "github.com/rabbitmq/amqp091-go"
 )
 
@@ -76,7 +77,7 @@ func fillQueue(tb testing.TB, r *rig, queue string, bodies [][]byte) {
 	}
 	r.publish(msgs...)
 	r.exchange = ex
-	waitFor(tb, time.Minute, "the queue to be filled", func() (bool, string) {
+	testutil.Eventually(tb, time.Minute, "the queue to be filled", func() (bool, string) {
 		m, _ := r.queueDepth(queue)
 		return m == len(bodies), "not yet"
 	})
@@ -89,7 +90,7 @@ func rawConsume(tb testing.TB, queue string, n, prefetch int) (elapsed, cpu time
 	tb.Helper()
 	start, cpu0 := time.Now(), cpuNow()
 	defer profilePhase(tb, "raw")()
-	conn, err := amqp.Dial(testAMQPURL())
+	conn, err := amqp.Dial(testutil.AMQPURL())
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -155,9 +156,9 @@ func BenchmarkBridgeThroughput(b *testing.B) {
 	start, cpu0 := time.Now(), cpuNow()
 	go func() { done <- br.Run(ctx) }()
 	deadline := time.Now().Add(5 * time.Minute)
-	for testutil.ToFloat64(br.m.published)+testutil.ToFloat64(br.m.duplicates) < float64(n) {
+	for promtest.ToFloat64(br.m.published)+promtest.ToFloat64(br.m.duplicates) < float64(n) {
 		if time.Now().After(deadline) {
-			b.Fatalf("bridge published %v of %d in 5 minutes", testutil.ToFloat64(br.m.published), n)
+			b.Fatalf("bridge published %v of %d in 5 minutes", promtest.ToFloat64(br.m.published), n)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -374,7 +375,7 @@ func BenchmarkJetStreamPublish(b *testing.B) {
 // for it.
 func jetStreamBench(b *testing.B) (*natsEnv, []*nats.Msg) {
 	env := startNATS(b)
-	sc := StreamConfig{Name: "BENCH_" + randomSuffix(), SubjectPrefix: "bench"}
+	sc := StreamConfig{Name: "BENCH_" + testutil.NameSuffix(), SubjectPrefix: "bench"}
 	js, err := jetstream.New(env.nc)
 	if err != nil {
 		b.Fatal(err)

@@ -26,6 +26,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -156,16 +157,16 @@ func (b *Bridge) Run(ctx context.Context) error {
 	defer func() { stopWatch(); wg.Wait() }()
 
 	// Without the stream, publishes cannot succeed: ensure it before consuming.
-	backoff := newBackoff(b.o.ReconnectMin, b.o.ReconnectMax)
+	retry := backoff.New(b.o.ReconnectMin, b.o.ReconnectMax)
 	for {
 		err := b.ensureStream(ctx)
 		if err == nil {
 			break
 		}
-		d := backoff.next()
+		d := retry.Next()
 		b.setAMQPErr(fmt.Errorf("not started: waiting for JetStream stream %s: %w", b.o.Stream.Name, err))
 		b.log.Error("JetStream stream not available, retrying", "stream", b.o.Stream.Name, "err", err, "retry_in", d)
-		if !sleepCtx(ctx, d) {
+		if !backoff.Sleep(ctx, d) {
 			return nil
 		}
 	}
@@ -176,7 +177,7 @@ func (b *Bridge) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); b.checkStreamPeriodically(watchCtx) }()
 	defer b.nc.RemoveStatusListener(statusCh)
 
-	backoff = newBackoff(b.o.ReconnectMin, b.o.ReconnectMax)
+	retry = backoff.New(b.o.ReconnectMin, b.o.ReconnectMax)
 	next := 0 // index of the next URL to try
 	for {
 		// One round: every URL in turn, starting after the last one used.
@@ -188,7 +189,7 @@ func (b *Bridge) Run(ctx context.Context) error {
 			consumed, err := b.session(ctx, url)
 			if consumed {
 				if time.Since(began) >= stableSession {
-					backoff.reset() // a session that dies at once keeps backing off
+					retry.Reset() // a session that dies at once keeps backing off
 				}
 				next = idx + 1
 				lastErr = err
@@ -204,9 +205,9 @@ func (b *Bridge) Run(ctx context.Context) error {
 			return nil
 		}
 		b.setAMQPErr(lastErr)
-		d := backoff.next()
+		d := retry.Next()
 		b.log.Info("reconnecting to RabbitMQ", "retry_in", d, "err", lastErr)
-		if !sleepCtx(ctx, d) {
+		if !backoff.Sleep(ctx, d) {
 			b.log.Info("bridge stopped")
 			return nil
 		}
@@ -301,38 +302,6 @@ func (b *Bridge) checkStream(ctx context.Context) {
 func consumerTag(name string) string {
 	host, _ := os.Hostname()
 	return name + "-" + host + "-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(rand.Uint64()%1e9, 10)
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
-
-// backoff is a capped exponential back-off with jitter.
-type backoff struct {
-	min, max, cur time.Duration
-}
-
-func newBackoff(lo, hi time.Duration) *backoff { return &backoff{min: lo, max: hi} }
-
-func (b *backoff) reset() { b.cur = 0 }
-
-// next returns the next wait: min, then doubling up to max, each with up to
-// 20% jitter below it.
-func (b *backoff) next() time.Duration {
-	if b.cur == 0 {
-		b.cur = b.min
-	} else {
-		b.cur = min(b.cur*2, b.max)
-	}
-	jitter := time.Duration(rand.Int64N(int64(b.cur)/5 + 1))
-	return b.cur - jitter
 }
 
 // publishGate slows publishing down after publish errors, so that a NATS

@@ -12,9 +12,10 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/fixtures"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	amqp "github.com/rabbitmq/amqp091-go"
 )
 
@@ -146,7 +147,7 @@ func TestEveryFixture(t *testing.T) {
 	for _, c := range wantFiltered {
 		totalFiltered += c
 	}
-	waitFor(t, 30*time.Second, fmt.Sprintf("%d events in the stream and %d filtered", len(want), totalFiltered), func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, fmt.Sprintf("%d events in the stream and %d filtered", len(want), totalFiltered), func() (bool, string) {
 		got, filtered := n.streamCount(r.stream.Name), int(sum(br.b.m.filtered))
 		return got == len(want) && filtered == totalFiltered, fmt.Sprintf("%d events, %d filtered", got, filtered)
 	})
@@ -178,14 +179,14 @@ func TestEveryFixture(t *testing.T) {
 		}
 	}
 	for typ, c := range wantFiltered {
-		if got := testutil.ToFloat64(br.b.m.filtered.WithLabelValues(typ)); got != float64(c) {
+		if got := promtest.ToFloat64(br.b.m.filtered.WithLabelValues(typ)); got != float64(c) {
 			t.Errorf("filtered_total{event_type=%q} = %v, want %d", typ, got, c)
 		}
 	}
-	if got := testutil.ToFloat64(br.b.m.received); got != float64(len(all)) {
+	if got := promtest.ToFloat64(br.b.m.received); got != float64(len(all)) {
 		t.Errorf("received_total = %v, want %d", got, len(all))
 	}
-	if got := testutil.ToFloat64(br.b.m.published); got != float64(len(want)) {
+	if got := promtest.ToFloat64(br.b.m.published); got != float64(len(want)) {
 		t.Errorf("published_total = %v, want %d", got, len(want))
 	}
 	if got := sum(br.b.m.rejected); got != 0 {
@@ -194,10 +195,10 @@ func TestEveryFixture(t *testing.T) {
 	if got := sum(br.b.m.widened); got != 0 {
 		t.Errorf("widened_total = %v, want 0: every fixture can be bounded", got)
 	}
-	if got := testutil.CollectAndCount(br.b.m.latency); got != 1 {
+	if got := promtest.CollectAndCount(br.b.m.latency); got != 1 {
 		t.Errorf("latency histogram series = %d, want 1", got)
 	}
-	waitFor(t, 10*time.Second, "the queue to be empty", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the queue to be empty", func() (bool, string) {
 		m, _ := r.queueDepth(r.queue)
 		return m == 0, fmt.Sprintf("%d messages", m)
 	})
@@ -212,12 +213,12 @@ func TestSameNotificationsTwiceStoredOnce(t *testing.T) {
 	msgs, ids := notifications(200)
 	r.publish(msgs...)
 	r.publish(msgs...)
-	waitFor(t, 30*time.Second, "every publish settled", func() (bool, string) {
-		p, d := testutil.ToFloat64(br.b.m.published), testutil.ToFloat64(br.b.m.duplicates)
+	testutil.Eventually(t, 30*time.Second, "every publish settled", func() (bool, string) {
+		p, d := promtest.ToFloat64(br.b.m.published), promtest.ToFloat64(br.b.m.duplicates)
 		return p+d == 400, fmt.Sprintf("published %v, duplicates %v", p, d)
 	})
 	checkStreamHoldsOnce(t, n, r.stream.Name, ids)
-	if p, d := testutil.ToFloat64(br.b.m.published), testutil.ToFloat64(br.b.m.duplicates); p != 200 || d != 200 {
+	if p, d := promtest.ToFloat64(br.b.m.published), promtest.ToFloat64(br.b.m.duplicates); p != 200 || d != 200 {
 		t.Errorf("published_total %v, duplicates_total %v; want 200 and 200", p, d)
 	}
 	// The queue is classic: declaring it as quorum must be refused.
@@ -240,21 +241,21 @@ func TestTwoBridgesOneQueue(t *testing.T) {
 	settled := func() float64 {
 		var sum float64
 		for _, br := range []*running{a, b} {
-			sum += testutil.ToFloat64(br.b.m.published) + testutil.ToFloat64(br.b.m.duplicates)
+			sum += promtest.ToFloat64(br.b.m.published) + promtest.ToFloat64(br.b.m.duplicates)
 		}
 		return sum
 	}
-	waitFor(t, 30*time.Second, "600 publishes settled", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "600 publishes settled", func() (bool, string) {
 		return settled() == 600, fmt.Sprint(settled())
 	})
 	checkStreamHoldsOnce(t, n, r.stream.Name, ids)
-	pa, pb := testutil.ToFloat64(a.b.m.published), testutil.ToFloat64(b.b.m.published)
+	pa, pb := promtest.ToFloat64(a.b.m.published), promtest.ToFloat64(b.b.m.published)
 	if pa+pb != 300 {
 		t.Errorf("published_total %v + %v, want 300", pa, pb)
 	}
-	if testutil.ToFloat64(a.b.m.received) == 0 || testutil.ToFloat64(b.b.m.received) == 0 {
+	if promtest.ToFloat64(a.b.m.received) == 0 || promtest.ToFloat64(b.b.m.received) == 0 {
 		t.Errorf("received_total %v and %v: want both bridges to have consumed",
-			testutil.ToFloat64(a.b.m.received), testutil.ToFloat64(b.b.m.received))
+			promtest.ToFloat64(a.b.m.received), promtest.ToFloat64(b.b.m.received))
 	}
 	// The queue is quorum (the default): declaring it classic must be refused.
 	ch := r.channel()
@@ -362,18 +363,18 @@ func testBadInput(t *testing.T, deadLetter bool) {
 	r.publish(msgs...)
 
 	wantIDs := append(slices.Clone(ids), unknownID)
-	waitFor(t, 30*time.Second, fmt.Sprintf("%d events stored and %d rejected", len(wantIDs), rejected), func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, fmt.Sprintf("%d events stored and %d rejected", len(wantIDs), rejected), func() (bool, string) {
 		s, rj := n.streamCount(r.stream.Name), int(sum(br.b.m.rejected))
 		return s == len(wantIDs) && rj == rejected, fmt.Sprintf("%d stored, %d rejected", s, rj)
 	})
 	checkStreamHoldsOnce(t, n, r.stream.Name, wantIDs)
 	for _, reason := range event.Reasons {
-		got := testutil.ToFloat64(br.b.m.rejected.WithLabelValues(string(reason)))
+		got := promtest.ToFloat64(br.b.m.rejected.WithLabelValues(string(reason)))
 		if got != float64(wantReasons[string(reason)]) {
 			t.Errorf("rejected_total{reason=%q} = %v, want %d", reason, got, wantReasons[string(reason)])
 		}
 	}
-	if got := testutil.ToFloat64(br.b.m.widened.WithLabelValues(event.WidenUnknownType)); got != 1 {
+	if got := promtest.ToFloat64(br.b.m.widened.WithLabelValues(event.WidenUnknownType)); got != 1 {
 		t.Errorf("widened_total{reason=unknown_event_type} = %v, want 1", got)
 	}
 	for _, sm := range n.readStream(t, r.stream.Name) {
@@ -384,12 +385,12 @@ func testBadInput(t *testing.T, deadLetter bool) {
 	if err := br.b.Ready(); err != nil {
 		t.Errorf("Ready() after bad input = %v, want nil", err)
 	}
-	waitFor(t, 10*time.Second, "the queue to be empty", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the queue to be empty", func() (bool, string) {
 		m, _ := r.queueDepth(r.queue)
 		return m == 0, fmt.Sprintf("%d messages", m)
 	})
 	if deadLetter {
-		waitFor(t, 10*time.Second, fmt.Sprintf("%d rejected messages in the dead-letter queue", rejected), func() (bool, string) {
+		testutil.Eventually(t, 10*time.Second, fmt.Sprintf("%d rejected messages in the dead-letter queue", rejected), func() (bool, string) {
 			m, _ := r.queueDepth(dlq)
 			return m == rejected, fmt.Sprintf("%d messages", m)
 		})
@@ -418,7 +419,7 @@ func TestExchangeDeclaredDifferently(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, 20*time.Second, "5 events stored", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "5 events stored", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c == 5, fmt.Sprint(c)
 	})
@@ -460,7 +461,7 @@ func TestReadinessAndShutdown(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- b.Run(ctx) }()
-	waitFor(t, 20*time.Second, "ready", func() (bool, string) { err := b.Ready(); return err == nil, fmt.Sprint(err) })
+	testutil.Eventually(t, 20*time.Second, "ready", func() (bool, string) { err := b.Ready(); return err == nil, fmt.Sprint(err) })
 	if err := b.Run(ctx); err == nil {
 		t.Fatal("second Run: want an error")
 	}
@@ -482,14 +483,14 @@ func TestReadinessAndShutdown(t *testing.T) {
 	if err := b.Ready(); err == nil {
 		t.Error("Ready() after shutdown = nil, want an error")
 	}
-	waitFor(t, 10*time.Second, "no consumer on the queue", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "no consumer on the queue", func() (bool, string) {
 		_, c := r.queueDepth(r.queue)
 		return c == 0, fmt.Sprintf("%d consumers", c)
 	})
 	// Whatever was not published is still in the queue: a new bridge
 	// finishes the job.
 	br := startBridge(t, o, n.nc)
-	waitFor(t, 20*time.Second, "100 events stored", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "100 events stored", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c == 100, fmt.Sprint(c)
 	})
@@ -502,7 +503,7 @@ func TestReadyReportsNATSDown(t *testing.T) {
 	n := startNATS(t)
 	br := startBridge(t, r.options(), n.nc)
 	n.srv.Shutdown()
-	waitFor(t, 10*time.Second, "Ready() to report NATS down", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "Ready() to report NATS down", func() (bool, string) {
 		err := br.b.Ready()
 		return err != nil && strings.Contains(err.Error(), "NATS"), fmt.Sprint(err)
 	})
@@ -511,7 +512,7 @@ func TestReadyReportsNATSDown(t *testing.T) {
 func TestEnsureStream(t *testing.T) {
 	n := startNATS(t)
 	ctx := context.Background()
-	c := StreamConfig{Name: "ENSURE_" + randomSuffix(), SubjectPrefix: "ensure"}
+	c := StreamConfig{Name: "ENSURE_" + testutil.NameSuffix(), SubjectPrefix: "ensure"}
 	if err := EnsureStream(ctx, n.checkJ, c); err != nil {
 		t.Fatal(err)
 	}
@@ -557,7 +558,7 @@ func TestEnsureStream(t *testing.T) {
 		t.Fatalf("subjects %q, want both prefixes", got)
 	}
 	// A memory stream cannot carry events across restarts.
-	mem := StreamConfig{Name: "MEM_" + randomSuffix(), SubjectPrefix: "mem"}
+	mem := StreamConfig{Name: "MEM_" + testutil.NameSuffix(), SubjectPrefix: "mem"}
 	if _, err := n.checkJ.CreateStream(ctx, jetstream.StreamConfig{Name: mem.Name, Subjects: []string{"mem.>"}, Storage: jetstream.MemoryStorage}); err != nil {
 		t.Fatal(err)
 	}
@@ -565,7 +566,7 @@ func TestEnsureStream(t *testing.T) {
 		t.Fatalf("EnsureStream on a memory stream = %v, want an error naming the storage", err)
 	}
 	// Replicas 3 on a single server fails with the server's reason.
-	r3 := StreamConfig{Name: "R3_" + randomSuffix(), SubjectPrefix: "r3", Replicas: 3}
+	r3 := StreamConfig{Name: "R3_" + testutil.NameSuffix(), SubjectPrefix: "r3", Replicas: 3}
 	if err := EnsureStream(ctx, n.checkJ, r3); err == nil {
 		t.Fatal("EnsureStream with 3 replicas on one server = nil, want an error")
 	}

@@ -17,26 +17,13 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	amqp "github.com/rabbitmq/amqp091-go"
 )
-
-// testAMQPURL is the RabbitMQ every test uses.
-func testAMQPURL() string {
-	if u := os.Getenv("KEYSTONE_FANOUT_TEST_AMQP_URL"); u != "" {
-		return u
-	}
-	return "amqp://guest:guest@127.0.0.1:5672/"
-}
-
-func randomSuffix() string {
-	b := make([]byte, 6)
-	rand.Read(b)
-	return hex.EncodeToString(b)
-}
 
 func newUUID() string {
 	b := make([]byte, 16)
@@ -82,13 +69,13 @@ type rig struct {
 
 func newRig(t testing.TB) *rig {
 	t.Helper()
-	r := &rig{t: t, suffix: randomSuffix()}
+	r := &rig{t: t, suffix: testutil.NameSuffix()}
 	r.exchange = "ksf-test-ex-" + r.suffix
 	r.queue = "ksf-test-q-" + r.suffix
 	r.stream = StreamConfig{Name: "KSTEST_" + r.suffix, SubjectPrefix: "kstest" + r.suffix}
-	conn, err := amqp.DialConfig(testAMQPURL(), amqp.Config{Properties: amqp.Table{"connection_name": "bridge-test-" + r.suffix}})
+	conn, err := amqp.DialConfig(testutil.AMQPURL(), amqp.Config{Properties: amqp.Table{"connection_name": "bridge-test-" + r.suffix}})
 	if err != nil {
-		t.Fatalf("RabbitMQ at %s is required for this test: %v", testAMQPURL(), err)
+		t.Fatalf("RabbitMQ at %s is required for this test: %v", testutil.AMQPURL(), err)
 	}
 	r.conn = conn
 	r.pub, err = conn.Channel()
@@ -140,7 +127,7 @@ func (r *rig) channel() *amqp.Channel {
 // with quick reconnects.
 func (r *rig) options() Options {
 	return Options{
-		AMQPURLs:          []string{testAMQPURL()},
+		AMQPURLs:          []string{testutil.AMQPURL()},
 		Exchange:          r.exchange,
 		Queue:             r.queue,
 		Stream:            r.stream,
@@ -333,23 +320,6 @@ func (e *natsEnv) readStream(t testing.TB, name string) []streamMsg {
 	return out
 }
 
-// waitFor polls cond until it is true or the deadline passes; cond returns
-// what it saw, for the failure message.
-func waitFor(t testing.TB, timeout time.Duration, want string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, seen := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s; last seen: %s", timeout, want, seen)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // running is a Bridge started by startBridge.
 type running struct {
 	b    *Bridge
@@ -384,7 +354,7 @@ func startBridge(t testing.TB, o Options, nc *nats.Conn) *running {
 		})
 	}
 	t.Cleanup(stop)
-	waitFor(t, 20*time.Second, "the bridge to be ready", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "the bridge to be ready", func() (bool, string) {
 		err := b.Ready()
 		return err == nil, fmt.Sprint(err)
 	})

@@ -2,17 +2,15 @@ package bridge
 
 import (
 	"crypto/tls"
-	"crypto/x509"
-	"errors"
 	"fmt"
 	"net/url"
-	"os"
 	"runtime"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/tlsconf"
 )
 
 // Queue types for Options.QueueType.
@@ -157,29 +155,8 @@ func (t TLSOptions) config() (*tls.Config, error) {
 	if t.empty() {
 		return nil, nil
 	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
-	if t.CAFile != "" {
-		pem, err := os.ReadFile(t.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("--amqp-tls-ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--amqp-tls-ca %s: no PEM certificate found: give the CA certificate that signed the broker's", t.CAFile)
-		}
-		cfg.RootCAs = pool
-	}
-	if t.CertFile != "" || t.KeyFile != "" {
-		if t.CertFile == "" || t.KeyFile == "" {
-			return nil, errors.New("--amqp-tls-cert and --amqp-tls-key go together: give both or neither")
-		}
-		cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("--amqp-tls-cert/--amqp-tls-key: %w", err)
-		}
-		cfg.Certificates = []tls.Certificate{cert}
-	}
-	return cfg, nil
+	return tlsconf.Load(tlsconf.Files{CA: t.CAFile, Cert: t.CertFile, Key: t.KeyFile, ServerName: t.ServerName},
+		tlsconf.FlagNames{CA: "--amqp-tls-ca", Cert: "--amqp-tls-cert", Key: "--amqp-tls-key"})
 }
 
 // setDefaults fills zero fields.

@@ -216,29 +216,6 @@ func TestEmptyFilterFiltersNothing(t *testing.T) {
 	}
 }
 
-func TestBackoff(t *testing.T) {
-	b := newBackoff(100*time.Millisecond, time.Second)
-	prev := time.Duration(0)
-	for i := range 10 {
-		d := b.next()
-		if d <= 0 || d > time.Second {
-			t.Fatalf("step %d: %s outside (0, 1s]", i, d)
-		}
-		if i > 0 && i < 3 && d < prev {
-			// Doubling outgrows the 20% jitter.
-			t.Fatalf("step %d: %s after %s, want growth", i, d, prev)
-		}
-		prev = d
-	}
-	if d := b.next(); d < 800*time.Millisecond {
-		t.Fatalf("capped back-off %s, want 0.8s to 1s", d)
-	}
-	b.reset()
-	if d := b.next(); d > 100*time.Millisecond {
-		t.Fatalf("after reset %s, want at most 100ms", d)
-	}
-}
-
 func TestMetricLabelsBounded(t *testing.T) {
 	tests := []struct{ in, want string }{
 		{"identity.authenticate", "identity.authenticate"},

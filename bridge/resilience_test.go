@@ -16,7 +16,8 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // lockedBuffer collects a child's stderr.
@@ -52,7 +53,7 @@ func startChild(t *testing.T, r *rig, natsURL string) *child {
 	cmd.Env = append(os.Environ(),
 		childEnv+"=1",
 		"KSF_CHILD_NATS_URL="+natsURL,
-		"KSF_CHILD_AMQP_URL="+testAMQPURL(),
+		"KSF_CHILD_AMQP_URL="+testutil.AMQPURL(),
 		"KSF_CHILD_EXCHANGE="+r.exchange,
 		"KSF_CHILD_QUEUE="+r.queue,
 		"KSF_CHILD_STREAM="+r.stream.Name,
@@ -72,7 +73,7 @@ func startChild(t *testing.T, r *rig, natsURL string) *child {
 			t.Logf("bridge process %d stderr:\n%s", cmd.Process.Pid, c.stderr.String())
 		}
 	})
-	waitFor(t, 20*time.Second, "the bridge process to consume", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "the bridge process to consume", func() (bool, string) {
 		select {
 		case err := <-c.done:
 			c.done <- err
@@ -98,7 +99,7 @@ func TestSIGKILLMidBurstThenRestart(t *testing.T) {
 		r.publish(msgs...)
 	}()
 
-	waitFor(t, 60*time.Second, "the bridge to have stored 1000 events", func() (bool, string) {
+	testutil.Eventually(t, 60*time.Second, "the bridge to have stored 1000 events", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= 1000, fmt.Sprint(c)
 	})
@@ -118,11 +119,11 @@ func TestSIGKILLMidBurstThenRestart(t *testing.T) {
 	}
 
 	second := startChild(t, r, n.srv.ClientURL())
-	waitFor(t, 90*time.Second, fmt.Sprintf("%d events in the stream", total), func() (bool, string) {
+	testutil.Eventually(t, 90*time.Second, fmt.Sprintf("%d events in the stream", total), func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= total, fmt.Sprint(c)
 	})
-	waitFor(t, 20*time.Second, "the queue to be empty", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "the queue to be empty", func() (bool, string) {
 		m, _ := r.queueDepth(r.queue)
 		return m == 0, fmt.Sprintf("%d messages", m)
 	})
@@ -145,7 +146,7 @@ func TestSIGKILLMidBurstThenRestart(t *testing.T) {
 // proxiedAMQPURL is the test broker's URL with its host replaced by addr.
 func proxiedAMQPURL(t *testing.T, addr string) string {
 	t.Helper()
-	u, err := url.Parse(testAMQPURL())
+	u, err := url.Parse(testutil.AMQPURL())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,7 +156,7 @@ func proxiedAMQPURL(t *testing.T, addr string) string {
 
 func brokerAddr(t *testing.T) string {
 	t.Helper()
-	u, err := url.Parse(testAMQPURL())
+	u, err := url.Parse(testutil.AMQPURL())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -201,7 +202,7 @@ func TestBrokerDropsConnectionAndNATSRestarts(t *testing.T) {
 
 	// Burst 1: the broker drops the bridge's connection mid-way.
 	done1 := publishAsync()
-	waitFor(t, 30*time.Second, "200 events stored", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "200 events stored", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= 200, fmt.Sprint(c)
 	})
@@ -214,7 +215,7 @@ func TestBrokerDropsConnectionAndNATSRestarts(t *testing.T) {
 	<-done1
 	before := n.streamCount(r.stream.Name)
 	done2 := publishAsync()
-	waitFor(t, 30*time.Second, "more events stored", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "more events stored", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= before+200, fmt.Sprint(c)
 	})
@@ -224,23 +225,23 @@ func TestBrokerDropsConnectionAndNATSRestarts(t *testing.T) {
 	}
 	<-done2
 
-	waitFor(t, 60*time.Second, fmt.Sprintf("%d events in the stream", len(allIDs)), func() (bool, string) {
+	testutil.Eventually(t, 60*time.Second, fmt.Sprintf("%d events in the stream", len(allIDs)), func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= len(allIDs), fmt.Sprint(c)
 	})
 	checkStreamHoldsOnce(t, n, r.stream.Name, allIDs)
-	waitFor(t, 20*time.Second, "ready again", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "ready again", func() (bool, string) {
 		err := br.b.Ready()
 		return err == nil, fmt.Sprint(err)
 	})
-	if got := testutil.ToFloat64(br.b.m.reconnects.WithLabelValues(sideAMQP)); got < 1 {
+	if got := promtest.ToFloat64(br.b.m.reconnects.WithLabelValues(sideAMQP)); got < 1 {
 		t.Errorf("reconnects_total{side=amqp} = %v, want at least 1", got)
 	}
-	if got := testutil.ToFloat64(br.b.m.reconnects.WithLabelValues(sideNATS)); got < 1 {
+	if got := promtest.ToFloat64(br.b.m.reconnects.WithLabelValues(sideNATS)); got < 1 {
 		t.Errorf("reconnects_total{side=nats} = %v, want at least 1", got)
 	}
 	t.Logf("publish errors %v, duplicates %v, ack errors %v",
-		testutil.ToFloat64(br.b.m.publishErrors), testutil.ToFloat64(br.b.m.duplicates), testutil.ToFloat64(br.b.m.ackErrors))
+		promtest.ToFloat64(br.b.m.publishErrors), promtest.ToFloat64(br.b.m.duplicates), promtest.ToFloat64(br.b.m.ackErrors))
 }
 
 func TestSilentNetworkDetectedByHeartbeat(t *testing.T) {
@@ -255,7 +256,7 @@ func TestSilentNetworkDetectedByHeartbeat(t *testing.T) {
 
 	// The network goes silent: nothing is closed, bytes stop flowing.
 	proxy.Pause()
-	waitFor(t, 20*time.Second, "Ready() to report the dead AMQP connection", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "Ready() to report the dead AMQP connection", func() (bool, string) {
 		err := br.b.Ready()
 		return err != nil && strings.Contains(err.Error(), "RabbitMQ"), fmt.Sprint(err)
 	})
@@ -264,12 +265,12 @@ func TestSilentNetworkDetectedByHeartbeat(t *testing.T) {
 	msgs, ids := notifications(100)
 	r.publish(msgs...)
 	proxy.Resume()
-	waitFor(t, 30*time.Second, "100 events stored", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "100 events stored", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= 100, fmt.Sprint(c)
 	})
 	checkStreamHoldsOnce(t, n, r.stream.Name, ids)
-	waitFor(t, 10*time.Second, "ready again", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "ready again", func() (bool, string) {
 		err := br.b.Ready()
 		return err == nil, fmt.Sprint(err)
 	})
@@ -292,12 +293,12 @@ func TestSeveralBrokerURLsTriedInTurn(t *testing.T) {
 	down.Refuse(false)
 	up.Refuse(true)
 	up.CloseConnections()
-	waitFor(t, 20*time.Second, "a connection through the first broker's proxy", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "a connection through the first broker's proxy", func() (bool, string) {
 		return down.Connections() == 1 && br.b.Ready() == nil, fmt.Sprintf("%d connections, ready: %v", down.Connections(), br.b.Ready())
 	})
 	msgs, ids := notifications(10)
 	r.publish(msgs...)
-	waitFor(t, 20*time.Second, "10 events stored", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "10 events stored", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= 10, fmt.Sprint(c)
 	})
@@ -318,16 +319,16 @@ func TestStreamDeletedWhileRunning(t *testing.T) {
 	// requeued, never acked, until the bridge has created the stream again.
 	msgs, ids := notifications(50)
 	r.publish(msgs...)
-	waitFor(t, 30*time.Second, "50 events in the re-created stream", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "50 events in the re-created stream", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= 50, fmt.Sprint(c)
 	})
 	checkStreamHoldsOnce(t, n, r.stream.Name, ids)
-	waitFor(t, 10*time.Second, "the queue to be empty", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the queue to be empty", func() (bool, string) {
 		m, _ := r.queueDepth(r.queue)
 		return m == 0, fmt.Sprintf("%d messages", m)
 	})
-	if got := testutil.ToFloat64(br.b.m.publishErrors); got < 1 {
+	if got := promtest.ToFloat64(br.b.m.publishErrors); got < 1 {
 		t.Errorf("publish_errors_total = %v, want at least 1 while the stream was missing", got)
 	}
 }
@@ -364,7 +365,7 @@ func TestClusterWithThreeReplicas(t *testing.T) {
 	r := newRig(t)
 	r.stream.Replicas = 3
 	// The JetStream meta leader is elected some time after start.
-	waitFor(t, 60*time.Second, "the 3-replica stream to be created", func() (bool, string) {
+	testutil.Eventually(t, 60*time.Second, "the 3-replica stream to be created", func() (bool, string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		err := EnsureStream(ctx, n.checkJ, r.stream)
@@ -375,7 +376,7 @@ func TestClusterWithThreeReplicas(t *testing.T) {
 	startBridge(t, o, n.nc)
 	msgs, ids := notifications(100)
 	r.publish(msgs...)
-	waitFor(t, 30*time.Second, "100 events stored", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "100 events stored", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= 100, fmt.Sprint(c)
 	})
@@ -400,18 +401,18 @@ func TestQueueDeletedWhileRunning(t *testing.T) {
 	}
 	// RabbitMQ cancels the consumer; the bridge declares and binds the queue
 	// again and consumes from it.
-	waitFor(t, 20*time.Second, "the queue declared again with one consumer", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "the queue declared again with one consumer", func() (bool, string) {
 		_, c := r.queueDepth(r.queue)
 		return c == 1, fmt.Sprintf("%d consumers", c)
 	})
 	msgs, ids := notifications(10)
 	r.publish(msgs...)
-	waitFor(t, 20*time.Second, "10 events stored", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "10 events stored", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= 10, fmt.Sprint(c)
 	})
 	checkStreamHoldsOnce(t, n, r.stream.Name, ids)
-	if got := testutil.ToFloat64(br.b.m.reconnects.WithLabelValues(sideAMQP)); got < 1 {
+	if got := promtest.ToFloat64(br.b.m.reconnects.WithLabelValues(sideAMQP)); got < 1 {
 		t.Errorf("reconnects_total{side=amqp} = %v, want at least 1", got)
 	}
 }

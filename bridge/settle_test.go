@@ -14,7 +14,9 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // fakeBroker is an AMQP channel that settles deliveries as RabbitMQ does
@@ -284,20 +286,20 @@ func runAcker(t *testing.T, rng *rand.Rand, outcomes []outcome, order []int, pre
 	if len(broker.outstanding) != 0 {
 		t.Errorf("%d deliveries left unsettled", len(broker.outstanding))
 	}
-	if got := testutil.ToFloat64(b.m.published); got != float64(want[stored]) {
+	if got := promtest.ToFloat64(b.m.published); got != float64(want[stored]) {
 		t.Errorf("published_total = %v, want %d", got, want[stored])
 	}
-	if got := testutil.ToFloat64(b.m.duplicates); got != float64(want[storedDuplicate]) {
+	if got := promtest.ToFloat64(b.m.duplicates); got != float64(want[storedDuplicate]) {
 		t.Errorf("duplicates_total = %v, want %d", got, want[storedDuplicate])
 	}
 	// The worker counts the publishes it could not send.
-	if got := testutil.ToFloat64(b.m.publishErrors); got != float64(failed-want[notSent]) {
+	if got := promtest.ToFloat64(b.m.publishErrors); got != float64(failed-want[notSent]) {
 		t.Errorf("publish_errors_total = %v, want %d", got, failed-want[notSent])
 	}
 	if len(s.slots) != 0 {
 		t.Errorf("%d publish slots not released", len(s.slots))
 	}
-	if got := testutil.ToFloat64(b.m.inFlight); got != 0 {
+	if got := promtest.ToFloat64(b.m.inFlight); got != 0 {
 		t.Errorf("in_flight = %v, want 0", got)
 	}
 	return broker
@@ -398,7 +400,7 @@ func TestAckerAcksPastAMissingDelivery(t *testing.T) {
 		s.pending <- inflight{tag: tag, how: settleAck}
 	}
 	// Held acks go out after heldAckDelay, without the session ending.
-	waitFor(t, 10*time.Second, "deliveries 2-50 acked while delivery 1 is missing", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "deliveries 2-50 acked while delivery 1 is missing", func() (bool, string) {
 		broker.mu.Lock()
 		defer broker.mu.Unlock()
 		return len(broker.outstanding) == 1 && broker.outstanding[1], fmt.Sprintf("outstanding %v", keys(broker.outstanding))
@@ -474,13 +476,13 @@ func TestAckerRequeuesPublishesWhenNATSIsLost(t *testing.T) {
 		broker.markSafe(tag)
 		s.replies <- replyTo(tag, stored)
 	}
-	waitFor(t, 10*time.Second, "the first half acked", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the first half acked", func() (bool, string) {
 		broker.mu.Lock()
 		defer broker.mu.Unlock()
 		return len(broker.acked) == n/2, fmt.Sprintf("%d acked", len(broker.acked))
 	})
 	s.natsDown <- nats.RECONNECTING
-	waitFor(t, 10*time.Second, "the second half nacked", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the second half nacked", func() (bool, string) {
 		broker.mu.Lock()
 		defer broker.mu.Unlock()
 		return len(broker.outstanding) == 0, fmt.Sprintf("outstanding %v", keys(broker.outstanding))
@@ -492,7 +494,7 @@ func TestAckerRequeuesPublishesWhenNATSIsLost(t *testing.T) {
 			t.Errorf("delivery %d: nacked %d times, requeue %v; want nacked once, requeued", tag, broker.nacked[tag], broker.requeued[tag])
 		}
 	}
-	if got := testutil.ToFloat64(b.m.publishErrors); got != n/2 {
+	if got := promtest.ToFloat64(b.m.publishErrors); got != n/2 {
 		t.Errorf("publish_errors_total = %v, want %d", got, n/2)
 	}
 	if len(s.slots) != 0 {

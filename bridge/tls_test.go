@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // testPKI is a CA with a server certificate for "rabbit.test" and a client
@@ -129,7 +131,7 @@ func TestAMQPSWithMutualTLS(t *testing.T) {
 	}
 	msgs, ids := notifications(20)
 	r.publish(msgs...)
-	waitFor(t, 20*time.Second, "20 events stored", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "20 events stored", func() (bool, string) {
 		c := n.streamCount(r.stream.Name)
 		return c >= 20, fmt.Sprint(c)
 	})
@@ -152,7 +154,7 @@ func TestAMQPSRejectsWrongServerName(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- b.Run(ctx) }()
 	defer func() { cancel(); <-done }()
-	waitFor(t, 20*time.Second, "Ready() to report the certificate error", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "Ready() to report the certificate error", func() (bool, string) {
 		err := b.Ready()
 		return err != nil && strings.Contains(err.Error(), "certificate"), fmt.Sprint(err)
 	})

@@ -2,8 +2,6 @@ package app
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -23,46 +21,17 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 	"github.com/keystone-fanout/keystone-fanout/regionagent"
 )
-
-func amqpURL() string {
-	if u := os.Getenv("KEYSTONE_FANOUT_TEST_AMQP_URL"); u != "" {
-		return u
-	}
-	return "amqp://guest:guest@127.0.0.1:5672/"
-}
-
-func suffix() string {
-	b := make([]byte, 6)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
 
 func testLog(t testing.TB) *slog.Logger {
 	if testing.Verbose() {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
-// eventually polls cond until it holds or timeout passes; then it fails with
-// what was expected and what was last seen.
-func eventually(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, seen := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: expected %s; saw %s", timeout, what, seen)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // freeAddr returns a loopback address with a port that was free a moment ago.
@@ -117,14 +86,14 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 		}
 	}
 
-	s := suffix()
+	s := testutil.NameSuffix()
 	exchange, queue := "app-test-x-"+s, "app-test-q-"+s
 	natsAddr := freeAddr(t)
 	reg := prometheus.NewRegistry()
 	addr := make(chan string, 1)
 	o := AllInOneOptions{
 		Bridge: BridgeOptions{
-			Bridge:   bridge.Options{AMQPURLs: []string{amqpURL()}, Exchange: exchange, Queue: queue, QueueType: bridge.QueueClassic},
+			Bridge:   bridge.Options{AMQPURLs: []string{testutil.AMQPURL()}, Exchange: exchange, Queue: queue, QueueType: bridge.QueueClassic},
 			Embedded: natsserver.Options{Listen: natsAddr, DataDir: t.TempDir()},
 			HTTPAddr: "127.0.0.1:0", Registry: reg, OnListen: func(a string) { addr <- a },
 			ShutdownTimeout: 20 * time.Second,
@@ -151,14 +120,14 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("daemon did not listen within 20s")
 	}
-	eventually(t, 30*time.Second, "/readyz to answer 200", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "/readyz to answer 200", func() (bool, string) {
 		code, body := httpGet(base + "/readyz")
 		return code == 200, fmt.Sprintf("%d %s", code, body)
 	})
 
 	publishKeystone(t, exchange, "identity.user.updated", revoked)
 
-	eventually(t, 30*time.Second, "every entry of the revoked user gone", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "every entry of the revoked user gone", func() (bool, string) {
 		left := cache.Read(revokedTokens)
 		return len(left) == 0, fmt.Sprintf("%d of %d still cached", len(left), len(revokedTokens))
 	})
@@ -181,7 +150,7 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 	if err := RunSweep(ctx, SweepOptions{NATS: natsconn.Options{URL: "nats://" + natsAddr}, Reason: "identity provider deleted"}, &out, testLog(t)); err != nil {
 		t.Fatalf("sweep: %v", err)
 	}
-	eventually(t, 30*time.Second, "every entry gone after the sweep", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "every entry gone after the sweep", func() (bool, string) {
 		left := cache.Read(otherTokens)
 		return len(left) == 0, fmt.Sprintf("%d of %d still cached (%s)", len(left), len(otherTokens), out.String())
 	})
@@ -201,14 +170,14 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 func publishKeystone(t testing.TB, exchange, eventType, id string) {
 	t.Helper()
 	inner, _ := json.Marshal(map[string]any{
-		"message_id": "m-" + suffix(), "publisher_id": "identity.test", "event_type": eventType,
+		"message_id": "m-" + testutil.NameSuffix(), "publisher_id": "identity.test", "event_type": eventType,
 		"priority": "INFO", "payload": map[string]any{"resource_info": id},
 		"timestamp": time.Now().UTC().Format("2006-01-02 15:04:05.000000"),
 	})
 	body, _ := json.Marshal(map[string]string{"oslo.version": "2.0", "oslo.message": string(inner)})
-	conn, err := amqp.Dial(amqpURL())
+	conn, err := amqp.Dial(testutil.AMQPURL())
 	if err != nil {
-		t.Fatalf("RabbitMQ at %s: %v", amqpURL(), err)
+		t.Fatalf("RabbitMQ at %s: %v", testutil.AMQPURL(), err)
 	}
 	defer conn.Close()
 	ch, err := conn.Channel()
@@ -224,7 +193,7 @@ func publishKeystone(t testing.TB, exchange, eventType, id string) {
 }
 
 func deleteAMQP(t testing.TB, exchange, queue string) {
-	conn, err := amqp.Dial(amqpURL())
+	conn, err := amqp.Dial(testutil.AMQPURL())
 	if err != nil {
 		t.Logf("cleaning up: %v", err)
 		return

@@ -18,6 +18,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 	"github.com/keystone-fanout/keystone-fanout/regionagent"
@@ -80,12 +81,12 @@ func TestKeystoneRevocationsLeaveTheRegion(t *testing.T) {
 	if err := os.WriteFile(pw, []byte(ks.AdminPassword+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s := suffix()
+	s := testutil.NameSuffix()
 	exchange, queue := "app-ks-x-"+s, "app-ks-q-"+s
 	t.Cleanup(func() { deleteAMQP(t, exchange, queue) })
 	o := AllInOneOptions{
 		Bridge: BridgeOptions{
-			Bridge:   bridge.Options{AMQPURLs: []string{amqpURL()}, Exchange: exchange, Queue: queue, QueueType: bridge.QueueClassic},
+			Bridge:   bridge.Options{AMQPURLs: []string{testutil.AMQPURL()}, Exchange: exchange, Queue: queue, QueueType: bridge.QueueClassic},
 			Embedded: natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir()},
 			Revoke: &revoke.Options{URL: ks.URL, CAFile: ks.CAFile, Username: ks.AdminUser, PasswordFile: pw,
 				Project: ks.AdminProject, PollInterval: 200 * time.Millisecond, MaxBackoff: time.Second},
@@ -130,7 +131,7 @@ func TestKeystoneRevocationsLeaveTheRegion(t *testing.T) {
 	if err := ks.RevokeToken(ctx, tokens["alice"][0]); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 60*time.Second, "alice's first token gone, her second and bob's kept", func() (bool, string) {
+	testutil.Eventually(t, 60*time.Second, "alice's first token gone, her second and bob's kept", func() (bool, string) {
 		s := state()
 		return s == "[alice#1] [bob#0 bob#1]", s
 	})
@@ -141,7 +142,7 @@ func TestKeystoneRevocationsLeaveTheRegion(t *testing.T) {
 	if err := ks.DisableUser(ctx, users["bob"]); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 60*time.Second, "bob's tokens gone, alice's second kept", func() (bool, string) {
+	testutil.Eventually(t, 60*time.Second, "bob's tokens gone, alice's second kept", func() (bool, string) {
 		s := state()
 		return s == "[alice#1] []", s
 	})

@@ -2,11 +2,11 @@ package memcache
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
-	"os"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/tlsconf"
 )
 
 // Defaults for Options fields left zero.
@@ -113,31 +113,11 @@ func (t *TLSOptions) config() (*tls.Config, error) {
 		}
 		return nil, nil
 	}
-	cfg := &tls.Config{
-		MinVersion:         tls.VersionTLS12,
-		ServerName:         t.ServerName,
-		InsecureSkipVerify: t.InsecureSkipVerify, //nolint:gosec // opt-in, documented as test-only
-	}
-	if t.CAFile != "" {
-		pem, err := os.ReadFile(t.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("memcache TLS.CAFile: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("memcache TLS.CAFile %s: no PEM certificate found", t.CAFile)
-		}
-		cfg.RootCAs = pool
-	}
-	if (t.CertFile == "") != (t.KeyFile == "") {
-		return nil, errors.New("memcache TLS.CertFile and TLS.KeyFile must be given together")
-	}
-	if t.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("memcache TLS client certificate %s / %s: %w", t.CertFile, t.KeyFile, err)
-		}
-		cfg.Certificates = []tls.Certificate{cert}
+	cfg, err := tlsconf.Load(tlsconf.Files{CA: t.CAFile, Cert: t.CertFile, Key: t.KeyFile,
+		ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify},
+		tlsconf.FlagNames{CA: "TLS.CAFile", Cert: "TLS.CertFile", Key: "TLS.KeyFile"})
+	if err != nil {
+		return nil, fmt.Errorf("memcache %w", err)
 	}
 	return cfg, nil
 }

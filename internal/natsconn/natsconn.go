@@ -6,7 +6,6 @@ package natsconn
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -15,6 +14,9 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
+	"github.com/keystone-fanout/keystone-fanout/internal/tlsconf"
 )
 
 // Options says where NATS is and how to authenticate. At most one of
@@ -145,7 +147,7 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 		timeout = 10 * time.Second
 	}
 	deadline := time.Now().Add(timeout)
-	backoff := 100 * time.Millisecond
+	retry := backoff.New(100*time.Millisecond, 2*time.Second)
 	for {
 		nc, err := nats.Connect(o.URL, opts...)
 		if err == nil {
@@ -155,36 +157,15 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 			return nil, fmt.Errorf("connecting to NATS at %s: %w", redact(o.URL), err)
 		}
 		log.Warn("NATS not reachable yet, retrying", "url", redact(o.URL), "err", err)
-		select {
-		case <-ctx.Done():
+		if !backoff.Sleep(ctx, retry.Next()) {
 			return nil, ctx.Err()
-		case <-time.After(backoff):
 		}
-		backoff = min(backoff*2, 2*time.Second)
 	}
 }
 
 func tlsConfig(o Options) (*tls.Config, error) {
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: o.TLSServerName}
-	if o.CAFile != "" {
-		pem, err := os.ReadFile(o.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("--nats-tls-ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--nats-tls-ca %s: no PEM certificate found", o.CAFile)
-		}
-		cfg.RootCAs = pool
-	}
-	if o.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(o.CertFile, o.KeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("--nats-tls-cert/--nats-tls-key: %w", err)
-		}
-		cfg.Certificates = []tls.Certificate{cert}
-	}
-	return cfg, nil
+	return tlsconf.Load(tlsconf.Files{CA: o.CAFile, Cert: o.CertFile, Key: o.KeyFile, ServerName: o.TLSServerName},
+		tlsconf.FlagNames{CA: "--nats-tls-ca", Cert: "--nats-tls-cert", Key: "--nats-tls-key"})
 }
 
 // redact hides passwords and tokens in URLs for logs.

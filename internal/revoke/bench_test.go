@@ -13,6 +13,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/keystonetest"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // BenchmarkRevokeToPubAck measures, against the real Keystone, the time from
@@ -61,7 +62,7 @@ func BenchmarkRevokeToPubAck(b *testing.B) {
 			if err := ks.AssignProjectRole(ctx, user, project, member); err != nil {
 				b.Fatal(err)
 			}
-			waitFor(b, 20*time.Second, "the poller ready", func() (bool, string) { err := p.Ready(); return err == nil, fmt.Sprint(err) })
+			testutil.Eventually(b, 20*time.Second, "the poller ready", func() (bool, string) { err := p.Ready(); return err == nil, fmt.Sprint(err) })
 
 			var lat []time.Duration
 			b.ResetTimer()
@@ -132,7 +133,7 @@ func pollerLoad(b *testing.B, k *keystonetest.Keystone) {
 	p, reg := newKeystonePoller(b, o, js)
 	// Let the first polls (and the publication of all existing events) pass.
 	stop := runPoller(b, p)
-	waitFor(b, 20*time.Second, "the poller ready", func() (bool, string) { err := p.Ready(); return err == nil, fmt.Sprint(err) })
+	testutil.Eventually(b, 20*time.Second, "the poller ready", func() (bool, string) { err := p.Ready(); return err == nil, fmt.Sprint(err) })
 
 	b.ResetTimer()
 	gets0, _ := k.CountRequests("GET", "/v3/OS-REVOKE/events")

@@ -142,23 +142,6 @@ func runPoller(t testing.TB, p *Poller) (stop func()) {
 	return stop
 }
 
-// waitFor polls cond every 20 ms until it returns ok or timeout passes; then
-// it fails with cond's last description of what it saw.
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() (ok bool, seen string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, seen := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("waited %s for %s; saw %s", timeout, what, seen)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // metricValue returns the value of the metric name (with the given label
 // pairs) gathered from reg, 0 when absent.
 func metricValue(t testing.TB, reg *prometheus.Registry, name string, labels ...string) float64 {

@@ -12,7 +12,16 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/tlsconf"
 )
+
+// keystoneTLS is the TLS configuration towards Keystone: TLS 1.2 or later,
+// certificates checked against caFile (--keystone-ca-file) when given, else
+// the system roots.
+func keystoneTLS(caFile string) (*tls.Config, error) {
+	return tlsconf.Load(tlsconf.Files{CA: caFile}, tlsconf.FlagNames{CA: "--keystone-ca-file"})
+}
 
 // maxBody bounds what the poller reads from one Keystone answer.
 const maxBody = 64 << 20
@@ -52,14 +61,11 @@ func (e *httpStatusError) Error() string {
 func newKeystoneClient(o *Options) (*keystoneClient, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.MaxIdleConnsPerHost = 1
-	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
-	if o.CAFile != "" {
-		pool, err := loadCAFile(o.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("revoke: --keystone-ca-file: %w", err)
-		}
-		tr.TLSClientConfig.RootCAs = pool
+	cfg, err := keystoneTLS(o.CAFile)
+	if err != nil {
+		return nil, fmt.Errorf("revoke: %w", err)
 	}
+	tr.TLSClientConfig = cfg
 	return &keystoneClient{
 		o:    o,
 		base: strings.TrimRight(o.URL, "/"),

@@ -14,6 +14,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/keystonetest"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // ks is the real Keystone (Debian's keystone 22 under uwsgi, over TLS) shared
@@ -151,7 +152,7 @@ func find(msgs []streamMsg, match func(r *event.Revocation) bool) []streamMsg {
 func waitScenario(t testing.TB, js jetstream.JetStream, s scenario) []streamMsg {
 	t.Helper()
 	var msgs []streamMsg
-	waitFor(t, 20*time.Second, "the revocation events of the revoked token, the disabled user and the removed group member", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "the revocation events of the revoked token, the disabled user and the removed group member", func() (bool, string) {
 		msgs = streamMessages(t, js)
 		a := find(msgs, func(r *event.Revocation) bool { return r.AuditID == s.auditID })
 		d := find(msgs, func(r *event.Revocation) bool { return r.UserID == s.disabledUser })
@@ -231,7 +232,7 @@ func TestKeystoneRevocationsPublishedOnce(t *testing.T) {
 	// Restart: a new poller with the stored position publishes nothing.
 	p2, reg2 := newKeystonePoller(t, keystoneOptions(t), js)
 	runPoller(t, p2)
-	waitFor(t, 20*time.Second, "five polls of the restarted poller", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "five polls of the restarted poller", func() (bool, string) {
 		n := metricValue(t, reg2, "keystone_fanout_revoke_polls_total")
 		return n >= 5 && p2.Ready() == nil, fmt.Sprintf("%v polls, ready: %v", n, p2.Ready())
 	})
@@ -261,7 +262,7 @@ func TestKeystoneTwoPollers(t *testing.T) {
 	// Both have polled since the last change.
 	for i, reg := range []*prometheus.Registry{reg1, reg2} {
 		start := metricValue(t, reg, "keystone_fanout_revoke_polls_total")
-		waitFor(t, 20*time.Second, fmt.Sprintf("two more polls of poller %d", i+1), func() (bool, string) {
+		testutil.Eventually(t, 20*time.Second, fmt.Sprintf("two more polls of poller %d", i+1), func() (bool, string) {
 			n := metricValue(t, reg, "keystone_fanout_revoke_polls_total")
 			return n >= start+2, fmt.Sprintf("%v polls", n-start)
 		})
@@ -283,7 +284,7 @@ func TestKeystoneOutage(t *testing.T) {
 	js := startJetStream(t, 2*time.Minute)
 	p, reg := newKeystonePoller(t, keystoneOptions(t), js)
 	runPoller(t, p)
-	waitFor(t, 20*time.Second, "ready", func() (bool, string) { err := p.Ready(); return err == nil, fmt.Sprint(err) })
+	testutil.Eventually(t, 20*time.Second, "ready", func() (bool, string) { err := p.Ready(); return err == nil, fmt.Sprint(err) })
 
 	if err := ks.StopServer(); err != nil {
 		t.Fatal(err)
@@ -294,7 +295,7 @@ func TestKeystoneOutage(t *testing.T) {
 			_ = ks.StartServer(context.Background())
 		}
 	})
-	waitFor(t, 20*time.Second, "Keystone's absence in Ready", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "Keystone's absence in Ready", func() (bool, string) {
 		err := p.Ready()
 		return err != nil && strings.Contains(err.Error(), "connection refused"), fmt.Sprint(err)
 	})
@@ -307,7 +308,7 @@ func TestKeystoneOutage(t *testing.T) {
 	restarted = true
 	s := runScenario(t)
 	waitScenario(t, js, s)
-	waitFor(t, 20*time.Second, "ready again", func() (bool, string) { err := p.Ready(); return err == nil, fmt.Sprint(err) })
+	testutil.Eventually(t, 20*time.Second, "ready again", func() (bool, string) { err := p.Ready(); return err == nil, fmt.Sprint(err) })
 	checkMatchesKeystone(t, streamMessages(t, js))
 }
 
@@ -349,11 +350,11 @@ func TestKeystonePolicy(t *testing.T) {
 	svc, svcReg, svcUser := newUserPoller(service, "svc")
 	mem, _, _ := newUserPoller(member, "member")
 
-	waitFor(t, 20*time.Second, "the service-role poller ready", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "the service-role poller ready", func() (bool, string) {
 		err := svc.Ready()
 		return err == nil, fmt.Sprint(err)
 	})
-	waitFor(t, 20*time.Second, "the member-role poller refused with the policy named", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "the member-role poller refused with the policy named", func() (bool, string) {
 		err := mem.Ready()
 		return err != nil && strings.Contains(err.Error(), "403") && strings.Contains(err.Error(), "identity:list_revoke_events"), fmt.Sprint(err)
 	})
@@ -369,12 +370,12 @@ func TestKeystonePolicy(t *testing.T) {
 	}
 	// Its new token may be refused too while it was issued in the second of
 	// the revocation (Keystone compares seconds): the poller keeps trying.
-	waitFor(t, 30*time.Second, "a new authentication and the service user's revocation in the stream", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "a new authentication and the service user's revocation in the stream", func() (bool, string) {
 		n := metricValue(t, svcReg, "keystone_fanout_revoke_auth_total", "result", "success")
 		got := find(streamMessages(t, js), func(r *event.Revocation) bool { return r.UserID == svcUser })
 		return n >= 2 && len(got) == 1, fmt.Sprintf("%v authentications, %d messages for user %s, ready: %v", n, len(got), svcUser, svc.Ready())
 	})
-	waitFor(t, 30*time.Second, "the service-role poller ready again", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "the service-role poller ready again", func() (bool, string) {
 		err := svc.Ready()
 		return err == nil, fmt.Sprint(err)
 	})

@@ -1,7 +1,6 @@
 package revoke
 
 import (
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/url"
@@ -213,8 +212,8 @@ func (o Options) Validate() error {
 		if u != nil && u.Scheme == "http" {
 			add("--keystone-ca-file is set but --keystone-url is http: use https or remove the CA file")
 		}
-		if _, err := loadCAFile(o.CAFile); err != nil {
-			add("--keystone-ca-file: %v", err)
+		if _, err := keystoneTLS(o.CAFile); err != nil {
+			errs = append(errs, err)
 		}
 	}
 
@@ -251,16 +250,4 @@ func readSecret(path string) (string, error) {
 		return "", fmt.Errorf("%s is empty", path)
 	}
 	return s, nil
-}
-
-func loadCAFile(path string) (*x509.CertPool, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(b) {
-		return nil, fmt.Errorf("%s holds no PEM certificate", path)
-	}
-	return pool, nil
 }

@@ -21,7 +21,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net/http"
 	"slices"
 	"sync"
@@ -30,6 +29,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 )
 
@@ -140,18 +140,18 @@ func (p *Poller) Ready() error {
 // Run loads the position and polls until ctx is cancelled, then returns nil.
 // Errors (Keystone away or answering errors, JetStream unavailable) are
 // counted, logged, shown by Ready and retried after a backoff that starts at
-// PollInterval and doubles up to MaxBackoff; they never end Run.
+// PollInterval and doubles up to MaxBackoff, less up to 20% jitter (see
+// internal/backoff); they never end Run.
 func (p *Poller) Run(ctx context.Context) error {
 	p.log.Info("polling Keystone revocation events", "url", p.o.URL, "interval", p.o.PollInterval,
 		"bucket", p.o.Bucket, "key", p.o.Key, "subject", p.o.SubjectPrefix+".revocation")
-	bo := backoff{base: p.o.PollInterval, max: p.o.MaxBackoff}
+	bo := backoff.New(p.o.PollInterval, p.o.MaxBackoff)
 	for p.store == nil {
 		if err := p.open(ctx); err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			p.failed(stagePosition, err, &bo)
-			if !sleep(ctx, bo.next()) {
+			if !backoff.Sleep(ctx, p.failed(stagePosition, err, bo)) {
 				return nil
 			}
 		}
@@ -164,12 +164,11 @@ func (p *Poller) Run(ctx context.Context) error {
 		}
 		delay := p.o.PollInterval
 		if err != nil {
-			p.failed(stage, err, &bo)
-			delay = bo.next()
+			delay = p.failed(stage, err, bo)
 		} else {
-			p.succeeded(&bo)
+			p.succeeded(bo)
 		}
-		if !sleep(ctx, delay) {
+		if !backoff.Sleep(ctx, delay) {
 			p.flush()
 			return nil
 		}
@@ -336,58 +335,26 @@ func (p *Poller) setPositionGauge() {
 	}
 }
 
-func (p *Poller) failed(stage string, err error, bo *backoff) {
+// failed records a failed attempt and returns the wait before the next one.
+func (p *Poller) failed(stage string, err error, bo *backoff.Backoff) time.Duration {
 	p.m.errors.WithLabelValues(stage).Inc()
 	p.mu.Lock()
 	p.readyErr = fmt.Errorf("revocation poller: %s: %w", stage, err)
 	p.mu.Unlock()
+	d := bo.Next()
 	p.log.Warn("revocation poll failed; retrying", "stage", stage, "err", err,
-		"failures", bo.failures+1, "retry_in", bo.peek())
+		"failures", bo.Failures(), "retry_in", d)
+	return d
 }
 
-func (p *Poller) succeeded(bo *backoff) {
+func (p *Poller) succeeded(bo *backoff.Backoff) {
 	p.m.lastSuccess.Set(float64(p.o.Now().UnixMilli()) / 1000)
 	p.mu.Lock()
 	was := p.readyErr
 	p.readyErr = nil
 	p.mu.Unlock()
-	if bo.failures > 0 {
-		p.log.Info("revocation polling recovered", "after_failures", bo.failures, "last_err", was)
+	if bo.Failures() > 0 {
+		p.log.Info("revocation polling recovered", "after_failures", bo.Failures(), "last_err", was)
 	}
-	bo.reset()
-}
-
-// backoff is the wait after consecutive failures: base, doubling up to max,
-// with up to 20% jitter so that replicas do not retry in step.
-type backoff struct {
-	base, max time.Duration
-	failures  int
-}
-
-func (b *backoff) peek() time.Duration {
-	d := b.base
-	for i := 0; i < b.failures && d < b.max; i++ {
-		d *= 2
-	}
-	return min(d, max(b.max, b.base))
-}
-
-func (b *backoff) next() time.Duration {
-	d := b.peek()
-	b.failures++
-	return d + rand.N(d/5+1)
-}
-
-func (b *backoff) reset() { b.failures = 0 }
-
-// sleep waits d or until ctx is done; it reports whether d passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
+	bo.Reset()
 }

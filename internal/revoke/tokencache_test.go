@@ -10,6 +10,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/keystonetest"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 )
 
@@ -84,7 +85,7 @@ func TestKeystoneEventsMatchCachedTokens(t *testing.T) {
 	}
 
 	var tokenEvent, groupEvent event.Event
-	waitFor(t, 20*time.Second, "the two revocation events", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "the two revocation events", func() (bool, string) {
 		var nt, ng int
 		for _, m := range streamMessages(t, js) {
 			switch r := m.Event.Revocation; {
@@ -100,7 +101,7 @@ func TestKeystoneEventsMatchCachedTokens(t *testing.T) {
 
 	// A token bob gets once the second of the group removal has passed
 	// (Keystone compares issued_at and issued_before to the second).
-	waitFor(t, 5*time.Second, "the clock past the group removal's second", func() (bool, string) {
+	testutil.Eventually(t, 5*time.Second, "the clock past the group removal's second", func() (bool, string) {
 		now := time.Now().UTC().Truncate(time.Second)
 		return now.After(groupEvent.Revocation.IssuedBefore), now.String()
 	})

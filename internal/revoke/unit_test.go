@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 func TestOptionsValidate(t *testing.T) {
@@ -175,26 +176,6 @@ func TestConvert(t *testing.T) {
 	}
 }
 
-func TestBackoff(t *testing.T) {
-	b := backoff{base: time.Second, max: 5 * time.Second}
-	var got []time.Duration
-	for range 5 {
-		got = append(got, b.peek())
-		d := b.next()
-		if d < got[len(got)-1] || d > got[len(got)-1]*6/5+1 {
-			t.Fatalf("next() = %v, want %v plus at most 20%%", d, got[len(got)-1])
-		}
-	}
-	want := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 5 * time.Second, 5 * time.Second}
-	if fmt.Sprint(got) != fmt.Sprint(want) {
-		t.Fatalf("backoff waits %v, want %v", got, want)
-	}
-	b.reset()
-	if b.peek() != time.Second {
-		t.Fatalf("after reset: %v, want 1s", b.peek())
-	}
-}
-
 // fakeOptions are options for a poller of f with a fast poll.
 func fakeOptions(f *fakeKeystone) Options {
 	return Options{URL: f.URL(), Username: "svc", Password: "pw", Project: "service",
@@ -216,18 +197,18 @@ func TestFakeEqualTimestamps(t *testing.T) {
 	at := time.Now()
 	f.add(map[string]any{"audit_id": "a1"}, at)
 	runPoller(t, p)
-	waitFor(t, 10*time.Second, "event a1 in the stream", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "event a1 in the stream", func() (bool, string) {
 		m := streamMessages(t, js)
 		return len(m) == 1, fmt.Sprintf("%d messages", len(m))
 	})
 	_, lists := f.counts()
 	f.add(map[string]any{"audit_id": "a2"}, at) // same second, committed later
-	waitFor(t, 10*time.Second, "event a2 in the stream", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "event a2 in the stream", func() (bool, string) {
 		m := streamMessages(t, js)
 		return len(m) == 2, fmt.Sprintf("%d messages", len(m))
 	})
 	// Several more polls list both again; nothing more is published.
-	waitFor(t, 10*time.Second, "three more polls", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "three more polls", func() (bool, string) {
 		_, l := f.counts()
 		return l >= lists+4, fmt.Sprintf("%d polls", l-lists)
 	})
@@ -266,7 +247,7 @@ func TestFakeRestartBeyondDuplicateWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	stop := runPoller(t, p1)
-	waitFor(t, 10*time.Second, "5 events", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "5 events", func() (bool, string) {
 		m := streamMessages(t, js)
 		return len(m) == 5, fmt.Sprintf("%d messages", len(m))
 	})
@@ -279,11 +260,11 @@ func TestFakeRestartBeyondDuplicateWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	runPoller(t, p2)
-	waitFor(t, 10*time.Second, "the event revoked while down", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the event revoked while down", func() (bool, string) {
 		m := streamMessages(t, js)
 		return len(m) == 6, fmt.Sprintf("%d messages", len(m))
 	})
-	waitFor(t, 10*time.Second, "five polls of the restarted poller", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "five polls of the restarted poller", func() (bool, string) {
 		n := metricValue(t, reg, "keystone_fanout_revoke_polls_total")
 		return n >= 5, fmt.Sprintf("%v polls", n)
 	})
@@ -316,7 +297,7 @@ func TestFakeReauth(t *testing.T) {
 	waitPolls := func(n float64) {
 		t.Helper()
 		start := metricValue(t, reg, "keystone_fanout_revoke_polls_total")
-		waitFor(t, 10*time.Second, "polls", func() (bool, string) {
+		testutil.Eventually(t, 10*time.Second, "polls", func() (bool, string) {
 			got := metricValue(t, reg, "keystone_fanout_revoke_polls_total")
 			return got >= start+n, fmt.Sprintf("%v polls", got-start)
 		})
@@ -378,32 +359,32 @@ func TestFakeErrorsShowInReady(t *testing.T) {
 			return err != nil && strings.Contains(err.Error(), want), fmt.Sprint(err)
 		}
 	}
-	waitFor(t, 10*time.Second, "ready", ready)
+	testutil.Eventually(t, 10*time.Second, "ready", ready)
 
 	f.mu.Lock()
 	f.listCode = 403
 	f.mu.Unlock()
-	waitFor(t, 10*time.Second, "a 403 in Ready", notReady("identity:list_revoke_events"))
+	testutil.Eventually(t, 10*time.Second, "a 403 in Ready", notReady("identity:list_revoke_events"))
 	f.mu.Lock()
 	f.listCode = 0
 	f.mu.Unlock()
-	waitFor(t, 10*time.Second, "ready again", ready)
+	testutil.Eventually(t, 10*time.Second, "ready again", ready)
 
 	f.revokeTokens()
 	f.mu.Lock()
 	f.authCode = 401
 	f.mu.Unlock()
-	waitFor(t, 10*time.Second, "an authentication failure in Ready", notReady("auth"))
+	testutil.Eventually(t, 10*time.Second, "an authentication failure in Ready", notReady("auth"))
 	if got := metricValue(t, reg, "keystone_fanout_revoke_auth_total", "result", "failure"); got < 1 {
 		t.Errorf("auth_total{result=failure} = %v, want at least 1", got)
 	}
 	f.mu.Lock()
 	f.authCode = 0
 	f.mu.Unlock()
-	waitFor(t, 10*time.Second, "ready again", ready)
+	testutil.Eventually(t, 10*time.Second, "ready again", ready)
 
 	f.Close() // Keystone away
-	waitFor(t, 10*time.Second, "connection errors in Ready", notReady("connect"))
+	testutil.Eventually(t, 10*time.Second, "connection errors in Ready", notReady("connect"))
 	if got := metricValue(t, reg, "keystone_fanout_revoke_poll_errors_total", "stage", "list"); got < 2 {
 		t.Errorf("poll_errors_total{stage=list} = %v, want at least 2", got)
 	}
@@ -429,7 +410,7 @@ func TestFakePublishFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	runPoller(t, p)
-	waitFor(t, 10*time.Second, "a publish error in Ready", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "a publish error in Ready", func() (bool, string) {
 		err := p.Ready()
 		return err != nil && strings.Contains(err.Error(), "publish"), fmt.Sprint(err)
 	})
@@ -441,11 +422,11 @@ func TestFakePublishFailure(t *testing.T) {
 		t.Fatalf("position stored while nothing was acknowledged: %s", e.Value())
 	}
 	createStream(t, js, 2*time.Minute)
-	waitFor(t, 10*time.Second, "both events", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "both events", func() (bool, string) {
 		m := streamMessages(t, js)
 		return len(m) == 2, fmt.Sprintf("%d messages", len(m))
 	})
-	waitFor(t, 10*time.Second, "the position", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the position", func() (bool, string) {
 		e, err := kv.Get(context.Background(), DefaultKey)
 		if err != nil {
 			return false, err.Error()
@@ -474,7 +455,7 @@ func TestFakeTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	runPoller(t, p)
-	waitFor(t, 10*time.Second, "ready over TLS", func() (bool, string) { err := p.Ready(); return err == nil, fmt.Sprint(err) })
+	testutil.Eventually(t, 10*time.Second, "ready over TLS", func() (bool, string) { err := p.Ready(); return err == nil, fmt.Sprint(err) })
 
 	o.CAFile = ""
 	o.Bucket = "other"
@@ -483,7 +464,7 @@ func TestFakeTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	runPoller(t, p2)
-	waitFor(t, 10*time.Second, "a certificate error", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "a certificate error", func() (bool, string) {
 		err := p2.Ready()
 		return err != nil && strings.Contains(err.Error(), "certificate"), fmt.Sprint(err)
 	})
