@@ -78,8 +78,8 @@ func TestOptionsValidate(t *testing.T) {
 		{name: "minimal", opts: memcache.Options{Servers: "127.0.0.1:11211"}},
 		{name: "no servers", opts: memcache.Options{}, wantErr: "Servers"},
 		{name: "negative timeout", opts: memcache.Options{Servers: "a", IOTimeout: -1}, wantErr: "IOTimeout"},
-		{name: "tls options without tls", opts: memcache.Options{Servers: "a", TLS: memcache.TLSOptions{CAFile: "/x"}}, wantErr: "TLS is not enabled"},
-		{name: "missing CA file", opts: memcache.Options{Servers: "a", TLS: memcache.TLSOptions{Enabled: true, CAFile: "/nonexistent/ca.pem"}}, wantErr: "TLS.CAFile"},
+		{name: "tls options without tls", opts: memcache.Options{Servers: "a", TLS: memcache.TLSOptions{CAFile: "/x"}}, wantErr: "--memcached-tls is not"},
+		{name: "missing CA file", opts: memcache.Options{Servers: "a", TLS: memcache.TLSOptions{Enabled: true, CAFile: "/nonexistent/ca.pem"}}, wantErr: "--memcached-tls-ca"},
 		{name: "cert without key", opts: memcache.Options{Servers: "a", TLS: memcache.TLSOptions{Enabled: true, CertFile: "/x"}}, wantErr: "together"},
 		{name: "tls with system roots", opts: memcache.Options{Servers: "a", TLS: memcache.TLSOptions{Enabled: true}}},
 	}

@@ -109,15 +109,15 @@ func (o *Options) Validate() error {
 func (t *TLSOptions) config() (*tls.Config, error) {
 	if !t.Enabled {
 		if t.CAFile != "" || t.CertFile != "" || t.KeyFile != "" || t.ServerName != "" || t.InsecureSkipVerify {
-			return nil, errors.New("memcache TLS options (CA, certificate, key, server name or skip-verify) are set but TLS is not enabled: enable TLS or remove them")
+			return nil, errors.New("--memcached-tls-ca, --memcached-tls-cert, --memcached-tls-key or --memcached-tls-server-name is set but --memcached-tls is not: enable TLS or remove them")
 		}
 		return nil, nil
 	}
 	cfg, err := tlsconf.Load(tlsconf.Files{CA: t.CAFile, Cert: t.CertFile, Key: t.KeyFile,
 		ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify},
-		tlsconf.FlagNames{CA: "TLS.CAFile", Cert: "TLS.CertFile", Key: "TLS.KeyFile"})
+		tlsconf.FlagNames{CA: "--memcached-tls-ca", Cert: "--memcached-tls-cert", Key: "--memcached-tls-key"})
 	if err != nil {
-		return nil, fmt.Errorf("memcache %w", err)
+		return nil, err
 	}
 	return cfg, nil
 }
