@@ -14,6 +14,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 func TestConsumerNamedAfterRegionAndAckAfterInvalidation(t *testing.T) {
@@ -45,7 +46,7 @@ func TestConsumerNamedAfterRegionAndAckAfterInvalidation(t *testing.T) {
 
 	ev := testEvent(1)
 	env.publish(ev)
-	waitFor(t, 10*time.Second, "at least 3 failed invalidations", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "at least 3 failed invalidations", func() (bool, string) {
 		n := counter(ra.m.failures.WithLabelValues(passFirst))
 		return n >= 3, fmt.Sprintf("%v failures", n)
 	})
@@ -141,7 +142,7 @@ func TestSecondPass(t *testing.T) {
 
 	a := testEvent(1)
 	env.publish(a)
-	waitFor(t, 10*time.Second, "event A's second pass started", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "event A's second pass started", func() (bool, string) {
 		return inSecond.Load(), fmt.Sprintf("%d calls done", len(inv.snapshot()))
 	})
 	ci, err := env.consumerInfo()
@@ -225,7 +226,7 @@ func TestConsumerDeletedWhileRunning(t *testing.T) {
 	// replays the last token-cache-time, so it is not lost.
 	e2 := testEvent(2)
 	env.publish(e2)
-	waitFor(t, 10*time.Second, "the consumer re-created", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the consumer re-created", func() (bool, string) {
 		n := counter(ra.m.recreations)
 		return n == 2, fmt.Sprintf("consumer_created_total %v", n)
 	})
@@ -233,7 +234,7 @@ func TestConsumerDeletedWhileRunning(t *testing.T) {
 	waitProcessed(t, inv, []string{e1.ID, e2.ID}, 1, 5*time.Second)
 	// The replay covers what the stream holds, but where the old consumer
 	// stood is unknown: one sweep, counted as a consumer_recreated gap.
-	waitFor(t, 10*time.Second, "one consumer_recreated gap swept", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "one consumer_recreated gap swept", func() (bool, string) {
 		return ra.gaps(GapConsumerRecreated) == 1 && inv.gapCalls() >= 1,
 			fmt.Sprintf("gaps %v, gap calls %d", ra.gaps(GapConsumerRecreated), inv.gapCalls())
 	})
@@ -253,7 +254,7 @@ func TestFirstStartReplaysOnlyTheWindow(t *testing.T) {
 	o.TokenCacheTime = time.Second
 	o.ReplayMargin = time.Nanosecond
 	// Wait (not for synchronisation: the old event must age out of the window).
-	waitFor(t, 10*time.Second, "the old event to be older than the replay window", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the old event to be older than the replay window", func() (bool, string) {
 		age := time.Since(env.streamInfo().State.FirstTime)
 		return age > o.TokenCacheTime+200*time.Millisecond, fmt.Sprintf("age %s", age)
 	})
@@ -280,7 +281,7 @@ func stopAndRestart(t *testing.T, env *testEnv, o Options, before int, away func
 	ra1 := startAgent(t, env.nc, o, inv1)
 	seqs := env.publish(events(0, before)...)
 	env.waitAcked(seqs[len(seqs)-1], 10*time.Second)
-	waitFor(t, 10*time.Second, "the checkpoint recorded", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the checkpoint recorded", func() (bool, string) {
 		ra1.mu.Lock()
 		defer ra1.mu.Unlock()
 		if ra1.lastCheckpoint == nil {
@@ -308,7 +309,7 @@ func TestGapStreamPurgedWhileAway(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	waitFor(t, 10*time.Second, "a gap sweep for the purged events", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "a gap sweep for the purged events", func() (bool, string) {
 		return ra.gaps(GapStreamTruncated) == 1 && inv.gapCalls() >= 1,
 			fmt.Sprintf("gaps %v, gap calls %d", ra.gaps(GapStreamTruncated), inv.gapCalls())
 	})
@@ -334,7 +335,7 @@ func TestGapConsumerDeletedAndStreamPurgedWhileAway(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	waitFor(t, 10*time.Second, "a gap sweep for the purged events", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "a gap sweep for the purged events", func() (bool, string) {
 		return ra.gaps(GapStreamTruncated) == 1 && inv.gapCalls() >= 1,
 			fmt.Sprintf("gaps %v, gap calls %d", ra.gaps(GapStreamTruncated), inv.gapCalls())
 	})
@@ -346,12 +347,12 @@ func TestGapMaxAgeWhileAway(t *testing.T) {
 	env := newEnv(t, func(c *jetstream.StreamConfig) { c.MaxAge = time.Second; c.Duplicates = 500 * time.Millisecond })
 	ra, inv := stopAndRestart(t, env, testOptions(), 2, func() {
 		env.publish(events(100, 2)...)
-		waitFor(t, 10*time.Second, "the stream's max age to remove every event", func() (bool, string) {
+		testutil.Eventually(t, 10*time.Second, "the stream's max age to remove every event", func() (bool, string) {
 			st := env.streamInfo().State
 			return st.Msgs == 0, fmt.Sprintf("%d messages", st.Msgs)
 		})
 	})
-	waitFor(t, 10*time.Second, "a gap sweep for the expired events", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "a gap sweep for the expired events", func() (bool, string) {
 		return ra.gaps(GapStreamTruncated) == 1 && inv.gapCalls() >= 1,
 			fmt.Sprintf("gaps %v, gap calls %d", ra.gaps(GapStreamTruncated), inv.gapCalls())
 	})
@@ -395,7 +396,7 @@ func TestGapSequenceJump(t *testing.T) {
 		}
 	})
 	env.waitAcked(away[2], 10*time.Second)
-	waitFor(t, 5*time.Second, "a gap sweep for the deleted event", func() (bool, string) {
+	testutil.Eventually(t, 5*time.Second, "a gap sweep for the deleted event", func() (bool, string) {
 		return ra.gaps(GapSequenceJump) == 1 && inv.gapCalls() >= 1,
 			fmt.Sprintf("gaps %v, gap calls %d", ra.gaps(GapSequenceJump), inv.gapCalls())
 	})
@@ -422,7 +423,7 @@ func TestGapPurgedBeforeDeliveryWhileRunning(t *testing.T) {
 	ra := startAgent(t, env.nc, o, inv)
 	ra.waitBound(t)
 	env.publish(events(0, 5)...)
-	waitFor(t, 10*time.Second, "2 events held, 3 not delivered", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "2 events held, 3 not delivered", func() (bool, string) {
 		ci, err := env.consumerInfo()
 		if err != nil {
 			return false, err.Error()
@@ -438,11 +439,11 @@ func TestGapPurgedBeforeDeliveryWhileRunning(t *testing.T) {
 	if err := s.Purge(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the audit detecting the purge of undelivered events", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the audit detecting the purge of undelivered events", func() (bool, string) {
 		return ra.gaps(GapPurgedBeforeDelivery) == 1, fmt.Sprintf("gaps %v", ra.gaps(GapPurgedBeforeDelivery))
 	})
 	close(release)
-	waitFor(t, 10*time.Second, "the gap sweep and the held events handled", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the gap sweep and the held events handled", func() (bool, string) {
 		got := inv.succeeded()
 		return inv.gapCalls() >= 1 && got["ev-0000"] >= 1 && got["ev-0001"] >= 1,
 			fmt.Sprintf("gap calls %d, succeeded %v", inv.gapCalls(), got)
@@ -463,14 +464,14 @@ func TestNATSServerRestart(t *testing.T) {
 	if err := env.srv.Restart(); err != nil {
 		t.Fatalf("restarting NATS: %v", err)
 	}
-	waitFor(t, 20*time.Second, "the test's connection back", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "the test's connection back", func() (bool, string) {
 		return env.nc.IsConnected(), env.nc.Status().String()
 	})
 	e2 := testEvent(2)
 	env.publish(e2)
 	waitProcessed(t, inv, []string{e2.ID}, 1, 30*time.Second)
 	env.waitAcked(2, 10*time.Second)
-	waitFor(t, 10*time.Second, "the agent ready again", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the agent ready again", func() (bool, string) {
 		err := ra.Ready()
 		return err == nil, fmt.Sprint(err)
 	})
@@ -493,7 +494,7 @@ func TestNATSAwayForLong(t *testing.T) {
 	down := time.Now()
 	// Away for several heartbeat intervals and reconnect attempts: the time
 	// passing is what is tested here.
-	waitFor(t, 10*time.Second, "the agent not ready for 4 heartbeat intervals", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the agent not ready for 4 heartbeat intervals", func() (bool, string) {
 		err := ra.Ready()
 		return err != nil && time.Since(down) > 4*testOptions().Heartbeat, fmt.Sprintf("Ready: %v after %s", err, time.Since(down))
 	})
@@ -502,7 +503,7 @@ func TestNATSAwayForLong(t *testing.T) {
 		t.Fatalf("starting NATS again: %v", err)
 	}
 	t.Cleanup(srv.Shutdown)
-	waitFor(t, 20*time.Second, "the test's connection back", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "the test's connection back", func() (bool, string) {
 		return env.nc.IsConnected(), env.nc.Status().String()
 	})
 	e2 := testEvent(2)
@@ -531,7 +532,7 @@ func TestGracefulRestartMidBurst(t *testing.T) {
 	ra1.waitBound(t)
 	burst := events(0, 500)
 	go env.publish(burst...)
-	waitFor(t, 20*time.Second, "part of the burst handled", func() (bool, string) {
+	testutil.Eventually(t, 20*time.Second, "part of the burst handled", func() (bool, string) {
 		n := len(inv.succeeded())
 		return n >= 50, fmt.Sprintf("%d events", n)
 	})
@@ -667,7 +668,7 @@ func TestStreamRecreatedWhileRunning(t *testing.T) {
 	if err := env.js.DeleteStream(ctx, testStream); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the agent to notice the stream is gone", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the agent to notice the stream is gone", func() (bool, string) {
 		err := ra.Ready()
 		return err != nil && strings.Contains(err.Error(), "does not exist"), fmt.Sprint(err)
 	})
@@ -677,7 +678,7 @@ func TestStreamRecreatedWhileRunning(t *testing.T) {
 	e2 := testEvent(2)
 	env.publish(e2)
 	waitProcessed(t, inv, []string{e2.ID}, 1, 20*time.Second)
-	waitFor(t, 10*time.Second, "one gap sweep for the old stream's lost events", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "one gap sweep for the old stream's lost events", func() (bool, string) {
 		return ra.gaps(GapStreamRecreated) == 1 && inv.gapCalls() >= 1,
 			fmt.Sprintf("gaps %v, gap calls %d", ra.gaps(GapStreamRecreated), inv.gapCalls())
 	})
@@ -718,7 +719,7 @@ func TestReadCheckpoints(t *testing.T) {
 	ra.waitBound(t)
 	seqs := env.publish(events(0, 2)...)
 	env.waitAcked(seqs[1], 10*time.Second)
-	waitFor(t, 10*time.Second, "the region's checkpoint at the last event", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the region's checkpoint at the last event", func() (bool, string) {
 		got, err := ReadCheckpoints(ctx, env.js, DefaultCheckpointBucket)
 		if err != nil {
 			return false, err.Error()

@@ -16,10 +16,11 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 const (
@@ -27,25 +28,6 @@ const (
 	testPrefix = "keystone"
 	testRegion = "regionTwo"
 )
-
-// waitFor polls cond until it holds or timeout passes; cond returns whether it
-// holds and, when not, what it saw.
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var seen string
-	for {
-		var ok bool
-		ok, seen = cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: expected %s; saw %s", timeout, what, seen)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
 
 func testLogger(t testing.TB) *slog.Logger {
 	if os.Getenv("REGIONAGENT_TEST_LOG") != "" {
@@ -163,7 +145,7 @@ func (e *testEnv) streamInfo() *jetstream.StreamInfo {
 // waitAcked waits until the consumer's ack floor reaches seq with nothing pending.
 func (e *testEnv) waitAcked(seq uint64, timeout time.Duration) {
 	e.t.Helper()
-	waitFor(e.t, timeout, fmt.Sprintf("consumer %s acked through stream seq %d with nothing pending", testRegion, seq), func() (bool, string) {
+	testutil.Eventually(e.t, timeout, fmt.Sprintf("consumer %s acked through stream seq %d with nothing pending", testRegion, seq), func() (bool, string) {
 		ci, err := e.consumerInfo()
 		if err != nil {
 			return false, err.Error()
@@ -319,12 +301,12 @@ func (ra *runningAgent) stop(t testing.TB) {
 
 func (ra *runningAgent) waitBound(t testing.TB) {
 	t.Helper()
-	waitFor(t, 10*time.Second, "the agent bound to its consumer", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the agent bound to its consumer", func() (bool, string) {
 		return ra.bound.Load(), "not bound"
 	})
 }
 
-func counter(c prometheus.Collector) float64 { return testutil.ToFloat64(c) }
+func counter(c prometheus.Collector) float64 { return promtest.ToFloat64(c) }
 
 func (ra *runningAgent) gaps(reason string) float64 {
 	return counter(ra.m.gaps.WithLabelValues(reason))
@@ -341,7 +323,7 @@ func (ra *runningAgent) totalGaps() float64 {
 // waitProcessed waits until every id was in a successful call at least times times.
 func waitProcessed(t testing.TB, f *fakeInvalidator, ids []string, times int, timeout time.Duration) {
 	t.Helper()
-	waitFor(t, timeout, fmt.Sprintf("%d events each invalidated successfully %d times", len(ids), times), func() (bool, string) {
+	testutil.Eventually(t, timeout, fmt.Sprintf("%d events each invalidated successfully %d times", len(ids), times), func() (bool, string) {
 		got := f.succeeded()
 		var missing []string
 		for _, id := range ids {

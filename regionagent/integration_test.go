@@ -12,6 +12,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache"
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 )
@@ -159,13 +160,13 @@ func TestWithMemcachedAndMiddleware(t *testing.T) {
 
 	// memcached down: not ready, and an event waits unacknowledged.
 	mcs[1].Stop()
-	waitFor(t, 10*time.Second, "Ready to report memcached", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "Ready to report memcached", func() (bool, string) {
 		err := ra.Ready()
 		return err != nil, fmt.Sprint(err)
 	})
 	late := testEvent(3)
 	env.publish(late)
-	waitFor(t, 30*time.Second, "a failed invalidation while a server is down", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "a failed invalidation while a server is down", func() (bool, string) {
 		n := counter(ra.m.failures.WithLabelValues(passFirst))
 		return n >= 1, fmt.Sprintf("%v failures", n)
 	})

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // The child process mode of the test binary: TestMain runs an agent instead
@@ -167,7 +168,7 @@ func TestAgentKilledMidBurst(t *testing.T) {
 	burst := events(0, 400)
 	published := make(chan []uint64, 1)
 	go func() { published <- env.publish(burst...) }()
-	waitFor(t, 30*time.Second, "the first agent process to acknowledge part of the burst", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "the first agent process to acknowledge part of the burst", func() (bool, string) {
 		ci, err := env.consumerInfo()
 		if err != nil {
 			return false, err.Error()
@@ -232,7 +233,7 @@ func TestAgentKilledHoldingEvents(t *testing.T) {
 	first := startChild(t, env.srv.ClientURL(), out, childBackoffEnv+"="+backoff.String(), childHoldEnv+"=1")
 	held := events(0, 5)
 	seqs := env.publish(held...)
-	waitFor(t, 30*time.Second, "the first agent process to hold every event unacknowledged", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "the first agent process to hold every event unacknowledged", func() (bool, string) {
 		ci, err := env.consumerInfo()
 		if err != nil {
 			return false, err.Error()

@@ -12,6 +12,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // TestResolveSkipped looks up skipped sequences in a real stream holding six
@@ -146,7 +147,7 @@ func TestLostDeliveryIsNotAGap(t *testing.T) {
 	// e2 is delivered into the paused proxy, then lost with the connection.
 	px.Pause()
 	env.publish(e2)
-	waitFor(t, 10*time.Second, "JetStream to deliver stream sequence 2 into the paused connection", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "JetStream to deliver stream sequence 2 into the paused connection", func() (bool, string) {
 		ci, err := env.consumerInfo()
 		if err != nil {
 			return false, err.Error()
@@ -157,7 +158,7 @@ func TestLostDeliveryIsNotAGap(t *testing.T) {
 	px.Resume()
 	dropped := time.Now()
 	// Until the agent reconnected, the next event could be lost the same way.
-	waitFor(t, 10*time.Second, "the agent's connection back", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "the agent's connection back", func() (bool, string) {
 		n := agentNC.Stats().Reconnects
 		return n >= 1 && agentNC.IsConnected(), fmt.Sprintf("%s after %d reconnects", agentNC.Status(), n)
 	})
@@ -207,7 +208,7 @@ func TestGapSequenceJumpWhileRunning(t *testing.T) {
 	ra := startAgent(t, env.nc, o, inv)
 	ra.waitBound(t)
 	seqs := env.publish(events(1, 4)...)
-	waitFor(t, 10*time.Second, "1 event held, 3 not delivered", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "1 event held, 3 not delivered", func() (bool, string) {
 		ci, err := env.consumerInfo()
 		if err != nil {
 			return false, err.Error()
@@ -223,7 +224,7 @@ func TestGapSequenceJumpWhileRunning(t *testing.T) {
 	deleteSeq(seqs[2])(t, s)
 	close(release)
 	env.waitAcked(seqs[3], 10*time.Second)
-	waitFor(t, 10*time.Second, "one gap sweep for the deleted event", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "one gap sweep for the deleted event", func() (bool, string) {
 		return ra.gaps(GapSequenceJump) == 1 && inv.gapCalls() == 1,
 			fmt.Sprintf("gaps %v, sweeps %d", ra.gaps(GapSequenceJump), inv.gapCalls())
 	})
@@ -269,7 +270,7 @@ func TestGapEventDeletedWhileAKilledAgentHeldIt(t *testing.T) {
 		deleteSeq(away[1])(t, s)
 	})
 	env.waitAcked(away[2], 10*time.Second)
-	waitFor(t, 10*time.Second, "a gap sweep for the deleted event", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Second, "a gap sweep for the deleted event", func() (bool, string) {
 		return ra.gaps(GapSequenceJump) == 1 && inv.gapCalls() == 1,
 			fmt.Sprintf("gaps %v, sweeps %d", ra.gaps(GapSequenceJump), inv.gapCalls())
 	})
