@@ -18,6 +18,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache"
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 )
 
@@ -238,7 +239,7 @@ func benchAgentFullPath(b *testing.B, perServer int, crawlerSleep string) {
 	// The agent indexes every server at start (reading every value); wait
 	// for that so the measured batches are the steady state.
 	total := float64(servers*perServer + victimEntries)
-	eventually(b, 10*time.Minute, fmt.Sprintf("the agent's index to hold the %v token entries", total), func() (bool, string) {
+	testutil.Eventually(b, 10*time.Minute, fmt.Sprintf("the agent's index to hold the %v token entries", total), func() (bool, string) {
 		m, err := agent.metrics()
 		if err != nil {
 			return false, err.Error()
@@ -415,7 +416,7 @@ type benchPublisher struct {
 func benchStartRabbitMQ(b *testing.B) *benchPublisher {
 	b.Helper()
 	suffix := randomSuffix()
-	p := &benchPublisher{url: testAMQPURL(), exchange: "ksf-e2e-bench-" + suffix, queue: "ksf-e2e-bench-" + suffix}
+	p := &benchPublisher{url: testutil.AMQPURL(), exchange: "ksf-e2e-bench-" + suffix, queue: "ksf-e2e-bench-" + suffix}
 	conn, err := amqp.DialConfig(p.url, amqp.Config{Properties: amqp.Table{"connection_name": "ksf-e2e-bench-publisher-" + suffix}})
 	if err != nil {
 		b.Fatalf("RabbitMQ at %s is required by the end-to-end benchmarks: %v", p.url, err)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/fixtures"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // badItem is one message of the bad-input corpus.
@@ -213,7 +214,7 @@ func TestBadInput(t *testing.T) {
 // exactly the wanted non-zero values (every other label value zero).
 func (e *env) waitBridgeCounts(name, label string, want map[string]int) {
 	e.t.Helper()
-	eventually(e.t, 30*time.Second, fmt.Sprintf("%s by %s to be %v", name, label, want), func() (bool, string) {
+	testutil.Eventually(e.t, 30*time.Second, fmt.Sprintf("%s by %s to be %v", name, label, want), func() (bool, string) {
 		got := map[string]float64{}
 		for _, b := range e.bridges {
 			m, err := b.metrics()

@@ -6,31 +6,14 @@ import (
 	"fmt"
 	"sort"
 	"strings"
-	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 )
-
-// eventually polls cond until it holds or timeout passes, then fails the
-// test with what was expected and what was last seen.
-func eventually(t testing.TB, timeout time.Duration, what string, cond func() (ok bool, seen string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, seen := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: expected %s; last seen: %s", timeout, what, seen)
-		}
-		time.Sleep(25 * time.Millisecond) // polling interval, not synchronisation
-	}
-}
 
 // expect is what every scenario ends with.
 type expect struct {
@@ -102,12 +85,12 @@ func (e *env) verify(x expect) verified {
 	e.checkStream(x.timeout)
 
 	goneKeys := tokenKeys(x.gone)
-	eventually(t, x.timeout, fmt.Sprintf("no region to hold any of the %d entries the events concern", len(goneKeys)), func() (bool, string) {
+	testutil.Eventually(t, x.timeout, fmt.Sprintf("no region to hold any of the %d entries the events concern", len(goneKeys)), func() (bool, string) {
 		return e.noneCached(regions, goneKeys)
 	})
 	v.gone = time.Now()
 
-	eventually(t, x.timeout, "every region's consumer to have acknowledged every event", func() (bool, string) {
+	testutil.Eventually(t, x.timeout, "every region's consumer to have acknowledged every event", func() (bool, string) {
 		return e.allAcked(regions)
 	})
 	v.acked = time.Now()
@@ -300,7 +283,7 @@ func (e *env) checkStream(timeout time.Duration) {
 	t := e.t
 	t.Helper()
 	want, notWant := e.expectedInStream()
-	eventually(t, timeout, fmt.Sprintf("the stream to hold the %d published token-affecting notifications", len(want)), func() (bool, string) {
+	testutil.Eventually(t, timeout, fmt.Sprintf("the stream to hold the %d published token-affecting notifications", len(want)), func() (bool, string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		s, err := e.js.Stream(ctx, streamName)

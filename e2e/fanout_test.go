@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // TestEveryCaptureEveryRegion publishes notifications exactly as Keystone
@@ -81,7 +83,7 @@ func TestFanoutLatency(t *testing.T) {
 		m, o := v.notification(time.Now())
 		start := time.Now()
 		e.publishNow([]amqpMessage{m}, []outcome{o})
-		eventuallyFast(t, 60*time.Second, "the entries of "+v.tpl.fx.Name+" to be gone from every region", func() (bool, string) {
+		testutil.EventuallyEvery(t, 2*time.Millisecond, 60*time.Second, "the entries of "+v.tpl.fx.Name+" to be gone from every region", func() (bool, string) {
 			return e.noneCached(e.regions, v.keys)
 		})
 		lat = append(lat, time.Since(start))
@@ -89,23 +91,6 @@ func TestFanoutLatency(t *testing.T) {
 	e.verify(expect{gone: victimTokens(victims)})
 	t.Logf("publish to RabbitMQ -> last concerned entry gone in all %d regions, %d notifications one at a time: %s",
 		len(e.regions), n, summarize(lat))
-}
-
-// eventuallyFast is eventually with a short polling interval, for latency
-// measurements.
-func eventuallyFast(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ok, seen := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: expected %s; last seen: %s", timeout, what, seen)
-		}
-		time.Sleep(2 * time.Millisecond) // polling interval
-	}
 }
 
 // summarize renders a latency distribution.

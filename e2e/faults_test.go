@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 )
 
@@ -66,7 +67,7 @@ func (e *env) streamMsgs() int {
 // under way end to end.
 func (e *env) waitStreamAtLeast(n int) {
 	e.t.Helper()
-	eventually(e.t, 60*time.Second, fmt.Sprintf("the stream to hold at least %d messages", n), func() (bool, string) {
+	testutil.Eventually(e.t, 60*time.Second, fmt.Sprintf("the stream to hold at least %d messages", n), func() (bool, string) {
 		m := e.streamMsgs()
 		return m >= n, fmt.Sprintf("%d messages", m)
 	})
@@ -118,7 +119,7 @@ func TestAgentKilledDuringBurst(t *testing.T) {
 	s := e.prepare(burstVictims, unrelatedN)
 	r := e.regions[len(e.regions)-1]
 	b := e.startBurst(s.msgs, s.outs, burstRate)
-	eventually(t, 60*time.Second, r.name+"'s consumer to have delivered a quarter of the burst", func() (bool, string) {
+	testutil.Eventually(t, 60*time.Second, r.name+"'s consumer to have delivered a quarter of the burst", func() (bool, string) {
 		d := e.consumerDelivered(r.name)
 		return d >= burstVictims/4, fmt.Sprintf("delivered up to stream sequence %d", d)
 	})
@@ -154,7 +155,7 @@ func TestRabbitMQConnectionsClosed(t *testing.T) {
 	s := e.prepare(burstVictims, unrelatedN)
 	// Found before the burst: rabbitmqctl takes about a second per call.
 	var conns map[string]string
-	eventually(t, 60*time.Second, "the bridge's connection consuming from "+e.queue+" in rabbitmqctl's lists", func() (bool, string) {
+	testutil.Eventually(t, 60*time.Second, "the bridge's connection consuming from "+e.queue+" in rabbitmqctl's lists", func() (bool, string) {
 		var err error
 		conns, err = e.queueConnections()
 		if err != nil {
@@ -177,7 +178,7 @@ func TestRabbitMQConnectionsClosed(t *testing.T) {
 	}
 
 	e.waitStreamAtLeast(burstVictims / 2)
-	eventually(t, 30*time.Second, "the bridge to reconnect through the proxy", func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "the bridge to reconnect through the proxy", func() (bool, string) {
 		n := e.amqpProxy.Connections()
 		return n > 0, fmt.Sprintf("%d connections", n)
 	})
@@ -257,7 +258,7 @@ func TestNATSServerRestarted(t *testing.T) {
 	e.nodes[0].shutdown()
 	t.Logf("NATS server shut down after %d of %d notifications", b.published(), len(s.msgs))
 	bridge := e.bridges[0]
-	eventually(t, 60*time.Second, "the bridge to report itself not ready while NATS is down", func() (bool, string) {
+	testutil.Eventually(t, 60*time.Second, "the bridge to report itself not ready while NATS is down", func() (bool, string) {
 		code, body, err := httpGet("http://" + bridge.addr() + "/readyz")
 		if err != nil {
 			return false, err.Error()
@@ -405,7 +406,7 @@ func TestMemcachedServerRestarted(t *testing.T) {
 	x := s.expect()
 	x.regions = others
 	e.verify(x)
-	eventually(t, 120*time.Second, fmt.Sprintf("%s's reachable memcached %s to hold none of the concerned entries while %s is down", r.name, r.servers[0].Addr, down.Addr),
+	testutil.Eventually(t, 120*time.Second, fmt.Sprintf("%s's reachable memcached %s to hold none of the concerned entries while %s is down", r.name, r.servers[0].Addr, down.Addr),
 		func() (bool, string) {
 			found, err := mcPresent(r.servers[0].Addr, tokenKeys(x.gone))
 			if err != nil {
@@ -428,7 +429,7 @@ func TestMemcachedServerRestarted(t *testing.T) {
 	m, o := late[0].notification(time.Now())
 	sent := time.Now()
 	e.publishNow([]amqpMessage{m}, []outcome{o})
-	eventuallyFast(t, 60*time.Second, "the new event's entry to be gone from "+r.name+"'s reachable server", func() (bool, string) {
+	testutil.EventuallyEvery(t, 2*time.Millisecond, 60*time.Second, "the new event's entry to be gone from "+r.name+"'s reachable server", func() (bool, string) {
 		found, err := mcPresent(r.servers[0].Addr, late[0].keys)
 		if err != nil {
 			return false, err.Error()
@@ -451,7 +452,7 @@ func TestTwoBridges(t *testing.T) {
 	e := newEnv(t, envOptions{bridges: 2})
 	s := e.prepare(burstVictims, unrelatedN)
 	b := e.startBurst(s.msgs, s.outs, burstRate)
-	eventually(t, 60*time.Second, "both bridges to have received deliveries", func() (bool, string) {
+	testutil.Eventually(t, 60*time.Second, "both bridges to have received deliveries", func() (bool, string) {
 		var got []string
 		ok := true
 		for _, br := range e.bridges {

@@ -23,6 +23,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 )
 
@@ -100,14 +101,6 @@ type region struct {
 // sentMsg is a published AMQP message and what must become of it.
 type sentMsg struct {
 	outcome
-}
-
-// testAMQPURL is the RabbitMQ every test uses.
-func testAMQPURL() string {
-	if u := os.Getenv("KEYSTONE_FANOUT_TEST_AMQP_URL"); u != "" {
-		return u
-	}
-	return "amqp://guest:guest@127.0.0.1:5672/"
 }
 
 var wordNumbers = []string{"Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten",
@@ -320,7 +313,7 @@ func (e *env) startNATS() {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 60*time.Second, "JetStream to be available", func() (bool, string) {
+	testutil.Eventually(t, 60*time.Second, "JetStream to be available", func() (bool, string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		_, err := e.js.AccountInfo(ctx)
@@ -383,7 +376,7 @@ type publisher struct {
 func (e *env) startRabbitMQ() {
 	t := e.t
 	t.Helper()
-	e.amqpURL = testAMQPURL()
+	e.amqpURL = testutil.AMQPURL()
 	e.exchange = "ksf-e2e-" + e.suffix
 	e.queue = "ksf-e2e-" + e.suffix
 	conn, err := amqp.DialConfig(e.amqpURL, amqp.Config{Properties: amqp.Table{"connection_name": "ksf-e2e-publisher-" + e.suffix}})

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // TestLostDeliveryIsNotAGap reproduces what TestNATSClusterNodeKilled hit now
@@ -33,7 +35,7 @@ func TestLostDeliveryIsNotAGap(t *testing.T) {
 	e.writeEntries(allEntries(warm))
 	m, o := warm[0].notification(time.Now())
 	e.publishNow([]amqpMessage{m}, []outcome{o})
-	eventually(t, 30*time.Second, r.name+" to acknowledge the first event", func() (bool, string) { return e.allAcked(e.regions) })
+	testutil.Eventually(t, 30*time.Second, r.name+" to acknowledge the first event", func() (bool, string) { return e.allAcked(e.regions) })
 
 	// The second event is delivered into the paused proxy, then lost.
 	for _, px := range r.natsProxy {
@@ -41,7 +43,7 @@ func TestLostDeliveryIsNotAGap(t *testing.T) {
 	}
 	m, o = victims[0].notification(time.Now())
 	e.publishNow([]amqpMessage{m}, []outcome{o})
-	eventually(t, 30*time.Second, "JetStream to deliver the second event (stream sequence 2) to "+r.name, func() (bool, string) {
+	testutil.Eventually(t, 30*time.Second, "JetStream to deliver the second event (stream sequence 2) to "+r.name, func() (bool, string) {
 		d := e.consumerDelivered(r.name)
 		return d >= 2, fmt.Sprintf("delivered up to %d", d)
 	})

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // proc is one keystone-fanout process (a bridge or an agent). Its stdout and
@@ -146,7 +148,7 @@ func (p *proc) unexpectedExits() []string {
 // waitReady polls /readyz until it answers 200.
 func (p *proc) waitReady(timeout time.Duration) {
 	p.t.Helper()
-	eventually(p.t, timeout, p.name+" /readyz to answer 200", func() (bool, string) {
+	testutil.Eventually(p.t, timeout, p.name+" /readyz to answer 200", func() (bool, string) {
 		if !p.running() {
 			return false, "the process is not running"
 		}

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // soakEvent is one token-affecting notification of the soak and when its
@@ -227,7 +229,7 @@ func TestSoak(t *testing.T) {
 	end := time.Now()
 
 	// Every event acknowledged everywhere, then count what is left.
-	eventually(t, 10*time.Minute, "every region's consumer to acknowledge every event after the soak", func() (bool, string) {
+	testutil.Eventually(t, 10*time.Minute, "every region's consumer to acknowledge every event after the soak", func() (bool, string) {
 		return e.allAcked(e.regions)
 	})
 	// The tracker's last rounds: entries still cached now are stale.

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // TestStaleWriteBackAfterFirstPass: keystonemiddleware asks Keystone first
@@ -23,7 +25,7 @@ func TestStaleWriteBackAfterFirstPass(t *testing.T) {
 	msgs, outs := w.mixed(victims)
 	e.publishNow(msgs, outs)
 	keys := allKeys(victims)
-	eventuallyFast(t, 60*time.Second, "the first pass to remove every concerned entry in every region", func() (bool, string) {
+	testutil.EventuallyEvery(t, 2*time.Millisecond, 60*time.Second, "the first pass to remove every concerned entry in every region", func() (bool, string) {
 		return e.noneCached(e.regions, keys)
 	})
 	firstPass := time.Now()

@@ -18,6 +18,13 @@ const pollEvery = 20 * time.Millisecond
 // what cond last saw (seen).
 func Eventually(t testing.TB, timeout time.Duration, what string, cond func() (ok bool, seen string)) {
 	t.Helper()
+	EventuallyEvery(t, pollEvery, timeout, what, cond)
+}
+
+// EventuallyEvery is Eventually polling every interval: a short one for
+// latency measurements, where the polling interval bounds the resolution.
+func EventuallyEvery(t testing.TB, interval, timeout time.Duration, what string, cond func() (ok bool, seen string)) {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
 		ok, seen := cond()
@@ -27,7 +34,7 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() (o
 		if time.Now().After(deadline) {
 			t.Fatalf("after %s: expected %s; last seen: %s", timeout, what, seen)
 		}
-		time.Sleep(pollEvery)
+		time.Sleep(interval)
 	}
 }
 
