@@ -208,6 +208,104 @@ func TestSecondPassKeepsConsumingAndRetries(t *testing.T) {
 	}
 }
 
+// A new event that arrives while an earlier event's second pass is due is
+// invalidated in one call together with that second pass.
+func TestSecondPassMergedIntoFirstPass(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// failMerged is how many times the merged call fails.
+		failMerged int32
+	}{
+		{"merged call succeeds", 0},
+		{"merged call fails then succeeds", 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newEnv(t)
+			aEv, bEv, cEv := testEvent(1), testEvent(2), testEvent(3)
+			release := make(chan struct{})
+			var inB atomic.Bool
+			var failMerged atomic.Int32
+			failMerged.Store(tc.failMerged)
+			inv := &fakeInvalidator{}
+			inv.gate = func(ctx context.Context, n int, evs []event.Event) error {
+				if n == 1 { // B's first pass: held until A's second pass is due and C arrived
+					inB.Store(true)
+					select {
+					case <-release:
+					case <-ctx.Done():
+						return ctx.Err()
+					}
+				}
+				return nil
+			}
+			inv.fail = func(n int, evs []event.Event) error {
+				if len(evs) == 2 && evs[0].ID == cEv.ID && failMerged.Add(-1) >= 0 {
+					return errFake
+				}
+				return nil
+			}
+			o := testOptions()
+			o.BatchLinger = -1 // C's first pass is ready as soon as it arrives
+			o.SecondPassDelay = 300 * time.Millisecond
+			ra := startAgent(t, env.nc, o, inv)
+			ra.waitBound(t)
+
+			env.publish(aEv)
+			waitProcessed(t, inv, []string{aEv.ID}, 1, 10*time.Second)
+			aFirstEnd := inv.snapshot()[0].end
+			env.publish(bEv)
+			testutil.Eventually(t, 10*time.Second, "B's first pass started", func() (bool, string) {
+				return inB.Load(), fmt.Sprintf("calls %v", inv.succeeded())
+			})
+			testutil.Eventually(t, 10*time.Second, "A's second pass due", func() (bool, string) {
+				since := time.Since(aFirstEnd)
+				return since > o.SecondPassDelay, fmt.Sprintf("%s since A's first pass ended", since)
+			})
+			env.publish(cEv)
+			testutil.Eventually(t, 10*time.Second, "the agent holds A, B and C", func() (bool, string) {
+				n := ra.held.len()
+				return n == 3, fmt.Sprintf("holds %d", n)
+			})
+			close(release)
+			env.waitAcked(3, 20*time.Second)
+
+			calls := inv.snapshot()
+			var order []string
+			for _, c := range calls {
+				order = append(order, fmt.Sprintf("%s:%v", strings.Join(c.ids(), "+"), c.err == nil))
+			}
+			got := strings.Join(order, " ")
+			// A first; B first (held); then C's first pass with A's second
+			// pass in one call, repeated while it fails.
+			want := "ev-0001:true ev-0002:true"
+			for range tc.failMerged {
+				want += " ev-0003+ev-0001:false"
+			}
+			want += " ev-0003+ev-0001:true"
+			if !strings.HasPrefix(got, want+" ") {
+				t.Fatalf("calls %q: want them to start with %q (C's first pass and A's due second pass in one call)", got, want)
+			}
+			for _, c := range calls {
+				if slices.Equal(c.ids(), []string{aEv.ID}) && c.start.After(aFirstEnd) {
+					t.Fatalf("calls %q: A's second pass ran alone as well", got)
+				}
+			}
+			if s := inv.succeeded(); s[aEv.ID] != 2 || s[bEv.ID] != 2 || s[cEv.ID] != 2 {
+				t.Fatalf("calls %q: want two successful passes of each event, got %v", got, s)
+			}
+			if n := counter(ra.m.invalidations.WithLabelValues(passMerged)); n != float64(tc.failMerged+1) {
+				t.Fatalf("invalidations_total{pass=merged} %v, want %d", n, tc.failMerged+1)
+			}
+			if n := counter(ra.m.failures.WithLabelValues(passMerged)); n != float64(tc.failMerged) {
+				t.Fatalf("invalidation_failures_total{pass=merged} %v, want %d", n, tc.failMerged)
+			}
+			if n := counter(ra.m.events.WithLabelValues(aEv.Type)); n != 3 {
+				t.Fatalf("events_total %v, want 3", n)
+			}
+		})
+	}
+}
+
 func TestConsumerDeletedWhileRunning(t *testing.T) {
 	env := newEnv(t)
 	inv := &fakeInvalidator{}

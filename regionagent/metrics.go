@@ -35,11 +35,19 @@ const (
 
 var gapReasons = []string{GapStreamTruncated, GapStreamRecreated, GapSequenceJump, GapPurgedBeforeDelivery, GapConsumerRecreated}
 
-// Pass label values.
+// Pass label values (the pass label of invalidations_total,
+// invalidation_failures_total and invalidation_duration_seconds).
 const (
-	passFirst  = "first"
+	// passFirst: a call with first passes of new events only.
+	passFirst = "first"
+	// passSecond: a call with second passes only.
 	passSecond = "second"
+	// passMerged: a call with first passes of new events and the second
+	// passes that were due (or nearly) at the same time, in one crawl.
+	passMerged = "merged"
 )
+
+var passes = []string{passFirst, passSecond, passMerged}
 
 type metrics struct {
 	events           *prometheus.CounterVec
@@ -116,7 +124,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"reason"}),
 		secondRemovals: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: metricPrefix + "second_pass_removals_total",
-			Help: "Token cache entries removed by second passes: stale entries written back by validations in flight during the first pass.",
+			Help: "Token cache entries removed by calls of second passes alone: stale entries written back by validations in flight during the first pass. Second passes merged into a call with first passes (pass=\"merged\") are not counted, as their removals cannot be told apart from the first passes': a lower bound.",
 		}),
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    metricPrefix + "invalidation_latency_seconds",
@@ -125,7 +133,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		invalidations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricPrefix + "invalidations_total",
-			Help: "Invalidation calls (one crawl of every memcached server), by pass.",
+			Help: "Invalidation calls (one crawl of every memcached server), by pass: first (new events only), second (second passes only), merged (new events and due second passes in one call).",
 		}, []string{"pass"}),
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricPrefix + "invalidation_failures_total",
@@ -138,7 +146,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"pass"}),
 		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    metricPrefix + "batch_events",
-			Help:    "Events per first-pass invalidation call.",
+			Help:    "Events per invalidation call with first passes (pass first or merged), counting the second-pass events of a merged call too.",
 			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024},
 		}),
 		pending: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -205,7 +213,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range gapReasons {
 		m.gaps.WithLabelValues(r)
 	}
-	for _, p := range []string{passFirst, passSecond} {
+	for _, p := range passes {
 		m.invalidations.WithLabelValues(p)
 		m.failures.WithLabelValues(p)
 	}

@@ -14,7 +14,7 @@ const (
 	DefaultReplayMargin      = 60 * time.Second
 	DefaultSecondPassDelay   = 2 * time.Second
 	DefaultBatchSize         = 256
-	DefaultBatchLinger       = 20 * time.Millisecond
+	DefaultBatchLinger       = 2 * time.Millisecond
 	DefaultMaxAckPending     = 4096
 	DefaultRetryMin          = 100 * time.Millisecond
 	DefaultRetryMax          = 10 * time.Second
@@ -91,6 +91,16 @@ type Options struct {
 	// redelivery repeats both passes. While an event waits for its second pass
 	// the agent keeps consuming and invalidating newer events; due second
 	// passes are batched like first passes.
+	//
+	// Due second passes ride along with the next first pass: an invalidation
+	// of new events also takes, room permitting (BatchSize), every event whose
+	// second pass is due or due within min(SecondPassDelay/10, 200ms), so that
+	// one crawl of each server does both and a new event never waits behind a
+	// second pass. A second pass may therefore run up to that much early: with
+	// the default 2s it runs 1.8s to 2s after the first pass ended. Second
+	// passes due while no first pass is ready run on their own, on time. When
+	// new events fill whole batches, the second passes they leave out run on
+	// their own before the next batch of new events, so that acks never starve.
 	SecondPassDelay time.Duration
 
 	// BatchSize (--batch-size, default 256) is the most events handled by one
@@ -98,9 +108,16 @@ type Options struct {
 	// together, or while a previous invalidation runs, share one invalidation.
 	BatchSize int
 
-	// BatchLinger (--batch-linger, default 20ms) is how long the first event of
+	// BatchLinger (--batch-linger, default 2ms) is how long the first event of
 	// an idle agent waits for others to join its batch. It adds to the
-	// revocation latency; 0 means the default, negative means no wait.
+	// revocation latency of every event that arrives alone; 0 means the
+	// default, negative means no wait.
+	//
+	// Why 2ms: Keystone sends the notifications of one change (a domain
+	// deletion's cascade of project, user and role-assignment events) within
+	// about a millisecond, so a short wait catches them in one crawl; events
+	// that arrive while an invalidation runs join the next batch anyway, so a
+	// longer wait buys little batching and costs every lone revocation.
 	BatchLinger time.Duration
 
 	// MaxAckPending (--max-ack-pending, default 4096) is the consumer's
@@ -312,3 +329,13 @@ func (o *Options) replayWindow() time.Duration { return o.TokenCacheTime + o.Rep
 
 // ackWait is the consumer's first redelivery delay.
 func (o *Options) ackWait() time.Duration { return o.RedeliveryBackoff[0] }
+
+// maxSecondPassAdvance bounds how early a second pass may run when it rides
+// along with a first pass (see Options.SecondPassDelay).
+const maxSecondPassAdvance = 200 * time.Millisecond
+
+// secondPassAdvance is how early a second pass may run when it rides along
+// with a first pass: a tenth of the delay, at most maxSecondPassAdvance.
+func (o *Options) secondPassAdvance() time.Duration {
+	return max(min(o.SecondPassDelay/10, maxSecondPassAdvance), 0)
+}

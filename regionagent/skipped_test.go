@@ -134,8 +134,10 @@ func TestLostDeliveryIsNotAGap(t *testing.T) {
 	inv := &fakeInvalidator{}
 	o := testOptions()
 	// Long enough that the redelivery cannot come before the next event, as
-	// in production (3s by default).
-	o.RedeliveryBackoff = []time.Duration{5 * time.Second}
+	// in production (3s by default), even on a loaded machine where the
+	// agent's new pull request takes seconds to be served: longer than the
+	// 10s the test waits for the next event to be handled.
+	o.RedeliveryBackoff = []time.Duration{15 * time.Second}
 	// A pull request outlives the pause (it expires after 4 heartbeats).
 	o.Heartbeat = 5 * time.Second
 	ra := startAgent(t, agentNC, o, inv)
@@ -176,7 +178,7 @@ func TestLostDeliveryIsNotAGap(t *testing.T) {
 		handled.Sub(dropped).Round(time.Millisecond), o.RedeliveryBackoff[0])
 
 	// The redelivery is handled again and acknowledged.
-	env.waitAcked(3, 20*time.Second)
+	env.waitAcked(3, 40*time.Second)
 	waitProcessed(t, inv, []string{e2.ID}, 2, 5*time.Second)
 	if n := counter(ra.m.redeliveries); n != 1 {
 		t.Fatalf("redeliveries_total = %v, want 1 (the lost event)", n)

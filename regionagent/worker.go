@@ -13,7 +13,10 @@ import (
 // worker is the state of the goroutine that runs invalidations. Only that
 // goroutine touches it. Invalidations run one at a time: memcached crawls one
 // request at a time per server, and batching makes one call do the work of
-// many.
+// many. A call for new events (first passes) also takes the events whose
+// second pass is due or nearly due (a merged call, see
+// Options.SecondPassDelay), so that a new event does not wait behind a
+// separate crawl for an earlier event's second pass.
 type worker struct {
 	a    *Agent
 	hard context.Context
@@ -25,9 +28,11 @@ type worker struct {
 	firstFails int
 	// second holds events whose first pass succeeded, each due at its own time.
 	second []*item
-	// lastFirst alternates the passes when both are due, so that a steady
-	// flow of new events cannot starve the second passes (and the acks).
-	lastFirst bool
+	// secondOwed is set when a first-pass call had no room (BatchSize) for
+	// second passes that were due: the next call then runs those alone even
+	// when new events are ready too, so that a steady flow of new events
+	// cannot starve the second passes (and the acks).
+	secondOwed bool
 }
 
 // work runs until ctx ends. Invalidation calls use hard, which outlives ctx
@@ -54,13 +59,12 @@ func (a *Agent) work(ctx, hard context.Context) {
 		secondDue, secondAny := w.earliestSecond()
 		secondReady := secondAny && !now.Before(secondDue)
 		switch {
-		case firstReady && (!secondReady || !w.lastFirst):
-			w.firstPass()
-			w.lastFirst = true
+		case firstReady && (!secondReady || !w.secondOwed):
+			w.firstPass(now)
 			continue
 		case secondReady:
 			w.secondPass(now)
-			w.lastFirst = false
+			w.secondOwed = false
 			continue
 		}
 		wait := time.Hour
@@ -102,27 +106,58 @@ func (w *worker) earliestSecond() (time.Time, bool) {
 	return due, len(w.second) > 0
 }
 
-func (w *worker) firstPass() {
+// firstPass runs one call for the new events waiting for their first pass
+// and, room permitting, the events whose second pass is due by now plus
+// Options.secondPassAdvance. On success the new events wait for their second
+// pass and the others are finished; on failure each group is retried as if
+// it had run alone.
+func (w *worker) firstPass(now time.Time) {
 	a := w.a
 	n := min(len(w.first), a.o.BatchSize)
-	batch := w.first[:n]
-	_, err := a.invalidate(w.hard, passFirst, batch)
+	batch := w.first[:n:n]
+	var seconds, rest []*item
+	room := a.o.BatchSize - n
+	horizon := now.Add(a.o.secondPassAdvance())
+	w.secondOwed = false
+	for _, it := range w.second {
+		switch {
+		case horizon.Before(it.due):
+			rest = append(rest, it)
+		case len(seconds) < room:
+			seconds = append(seconds, it)
+		default:
+			rest = append(rest, it)
+			w.secondOwed = w.secondOwed || !now.Before(it.due)
+		}
+	}
+	pass := passFirst
+	if len(seconds) > 0 {
+		pass = passMerged
+	}
+	_, err := a.invalidate(w.hard, pass, append(batch, seconds...))
 	end := time.Now()
 	if err != nil {
 		w.firstFails++
 		d := a.retryDelay(w.firstFails)
 		w.firstDue = end.Add(d)
+		w.secondFailed(seconds, end)
 		a.log.Warn("invalidation failed: the events stay unacknowledged and are retried",
-			"pass", passFirst, "events", n, "attempt", w.firstFails, "retry_in", d, "err", err)
+			"pass", pass, "events", n, "second_pass_events", len(seconds), "attempt", w.firstFails, "retry_in", d, "err", err)
 		return
 	}
 	if w.firstFails > 0 {
-		a.log.Info("invalidation succeeded after failures", "pass", passFirst, "events", n, "failures", w.firstFails)
+		a.log.Info("invalidation succeeded after failures", "pass", pass, "events", n, "failures", w.firstFails)
 	}
 	w.firstFails = 0
 	w.first = append([]*item(nil), w.first[n:]...)
 	if len(w.first) > 0 {
 		w.firstDue = end // a backlog: go on at once
+	}
+	if len(seconds) > 0 {
+		w.second = rest
+		for _, it := range seconds {
+			a.finish(it)
+		}
 	}
 	for _, it := range batch {
 		if it.first && !it.gap && !it.ev.Time.IsZero() {
@@ -135,6 +170,22 @@ func (w *worker) firstPass() {
 		it.due = end.Add(a.o.SecondPassDelay)
 		w.second = append(w.second, it)
 	}
+}
+
+// secondFailed schedules the retry of second passes whose call failed at
+// end. A second pass that ran early is not retried before it was due.
+func (w *worker) secondFailed(items []*item, end time.Time) {
+	for _, it := range items {
+		it.secondFails++
+		it.due = later(it.due, end.Add(w.a.retryDelay(it.secondFails)))
+	}
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 func (w *worker) secondPass(now time.Time) {
@@ -150,14 +201,10 @@ func (w *worker) secondPass(now time.Time) {
 	res, err := a.invalidate(w.hard, passSecond, batch)
 	end := time.Now()
 	if err != nil {
-		var d time.Duration
-		for _, it := range batch {
-			it.secondFails++
-			d = a.retryDelay(it.secondFails)
-			it.due = end.Add(d)
-		}
+		w.secondFailed(batch, end)
 		a.log.Warn("invalidation failed: the events stay unacknowledged and are retried",
-			"pass", passSecond, "events", len(batch), "attempt", batch[0].secondFails, "retry_in", d, "err", err)
+			"pass", passSecond, "events", len(batch), "attempt", batch[0].secondFails,
+			"retry_in", a.retryDelay(batch[0].secondFails), "err", err)
 		return
 	}
 	a.m.secondRemovals.Add(float64(res.Removed))
@@ -202,7 +249,7 @@ func (a *Agent) invalidate(ctx context.Context, pass string, items []*item) (Res
 	}
 	a.m.callDuration.WithLabelValues(pass).Observe(time.Since(start).Seconds())
 	a.m.invalidations.WithLabelValues(pass).Inc()
-	if pass == passFirst {
+	if pass != passSecond {
 		a.m.batchSize.Observe(float64(len(evs)))
 	}
 	// What was removed is removed, even when another server failed.
