@@ -142,6 +142,28 @@ func (j jstr) equal(lit string) bool {
 	return string(appendUnquoted(buf[:0], j.raw)) == lit
 }
 
+// skipPlain returns the index of the first byte at or after i that is
+// special inside a JSON string ('"', '\\' or below 0x20), or len(d). It
+// tests 8 bytes at a time: each test flags the lowest special byte of the
+// word exactly (higher flags may be spurious, but come after it).
+func skipPlain(d []byte, i int) int {
+	for i+8 <= len(d) {
+		w := binary.LittleEndian.Uint64(d[i:])
+		q := w ^ (swarLo * '"')
+		b := w ^ (swarLo * '\\')
+		m := ((q - swarLo) &^ q) | ((b - swarLo) &^ b) | ((w - swarLo*0x20) &^ w)
+		m &= swarHi
+		if m != 0 {
+			return i + bits.TrailingZeros64(m)/8
+		}
+		i += 8
+	}
+	for i < len(d) && !stringSpecial[d[i]] {
+		i++
+	}
+	return i
+}
+
 // scanString reads the string at s.pos (its opening quote).
 func (s *scanner) scanString() (jstr, bool) {
 	d := s.data
@@ -149,24 +171,7 @@ func (s *scanner) scanString() (jstr, bool) {
 	start := i
 	esc := false
 	for {
-		// Skip 8 plain bytes at a time: a byte is special when it is '"',
-		// '\\' or below 0x20. Each test flags the lowest special byte of the
-		// word exactly (higher flags may be spurious, but come after it).
-		for i+8 <= len(d) {
-			w := binary.LittleEndian.Uint64(d[i:])
-			q := w ^ (swarLo * '"')
-			b := w ^ (swarLo * '\\')
-			m := ((q - swarLo) &^ q) | ((b - swarLo) &^ b) | ((w - swarLo*0x20) &^ w)
-			m &= swarHi
-			if m != 0 {
-				i += bits.TrailingZeros64(m) / 8
-				break
-			}
-			i += 8
-		}
-		for i < len(d) && !stringSpecial[d[i]] {
-			i++
-		}
+		i = skipPlain(d, i)
 		if i >= len(d) {
 			s.pos = i
 			return jstr{}, s.fail("unexpected end of JSON input")
@@ -215,21 +220,7 @@ func (s *scanner) scanStringInto(dst []byte) ([]byte, bool) {
 	i := s.pos + 1
 	run := i // start of the bytes not yet copied
 	for {
-		for i+8 <= len(d) {
-			w := binary.LittleEndian.Uint64(d[i:])
-			q := w ^ (swarLo * '"')
-			b := w ^ (swarLo * '\\')
-			m := ((q - swarLo) &^ q) | ((b - swarLo) &^ b) | ((w - swarLo*0x20) &^ w)
-			m &= swarHi
-			if m != 0 {
-				i += bits.TrailingZeros64(m) / 8
-				break
-			}
-			i += 8
-		}
-		for i < len(d) && !stringSpecial[d[i]] {
-			i++
-		}
+		i = skipPlain(d, i)
 		if i >= len(d) {
 			s.pos = i
 			return dst, s.fail("unexpected end of JSON input")
