@@ -155,6 +155,21 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 		return len(left) == 0, fmt.Sprintf("%d of %d still cached (%s)", len(left), len(otherTokens), out.String())
 	})
 
+	// The status command sees the stream and the region, caught up.
+	testutil.Eventually(t, 10*time.Second, "status to show regionTwo caught up", func() (bool, string) {
+		var buf strings.Builder
+		if err := RunStatus(ctx, StatusOptions{NATS: natsconn.Options{URL: "nats://" + natsAddr}, JSON: true}, &buf, testLog(t)); err != nil {
+			return false, err.Error()
+		}
+		var st Status
+		if err := json.Unmarshal([]byte(buf.String()), &st); err != nil {
+			return false, err.Error()
+		}
+		ok := st.Stream == "KEYSTONE" && len(st.Consumers) == 1 && st.Consumers[0].Name == "regionTwo" &&
+			st.Consumers[0].Pending == 0 && st.Consumers[0].AckPending == 0 && !st.Consumers[0].Gap && st.Messages >= 2
+		return ok, buf.String()
+	})
+
 	cancel()
 	select {
 	case err := <-done:

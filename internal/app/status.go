@@ -54,16 +54,11 @@ func RunStatus(ctx context.Context, o StatusOptions, w io.Writer, log *slog.Logg
 	if o.Stream == "" {
 		o.Stream = "KEYSTONE"
 	}
-	o.NATS.ConnectTimeout = 5 * time.Second
-	nc, err := natsconn.Connect(ctx, o.NATS, "keystone-fanout-status", log, nil)
+	js, closeNATS, err := oneShotJetStream(ctx, o.NATS, "keystone-fanout-status", log)
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
+	defer closeNATS()
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	st, err := GetStatus(ctx, js, o.Stream)
@@ -123,4 +118,20 @@ func GetStatus(ctx context.Context, js jetstream.JetStream, stream string) (*Sta
 		return nil, fmt.Errorf("listing consumers of %q: %w", stream, err)
 	}
 	return st, nil
+}
+
+// oneShotJetStream connects for a short command (status, sweep): the first
+// connection is bounded by 5 s instead of a daemon's patience.
+func oneShotJetStream(ctx context.Context, o natsconn.Options, name string, log *slog.Logger) (jetstream.JetStream, func(), error) {
+	o.ConnectTimeout = 5 * time.Second
+	nc, err := natsconn.Connect(ctx, o, name, log, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	return js, nc.Close, nil
 }

@@ -38,16 +38,11 @@ func RunSweep(ctx context.Context, o SweepOptions, w io.Writer, log *slog.Logger
 	if o.Reason == "" {
 		return fmt.Errorf("--reason is required: say why every region should drop its cached tokens (it is logged by every agent)")
 	}
-	o.NATS.ConnectTimeout = 5 * time.Second
-	nc, err := natsconn.Connect(ctx, o.NATS, "keystone-fanout-sweep", log, nil)
+	js, closeNATS, err := oneShotJetStream(ctx, o.NATS, "keystone-fanout-sweep", log)
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
+	defer closeNATS()
 	id := make([]byte, 16)
 	_, _ = rand.Read(id)
 	e := event.Event{Version: event.SchemaVersion, Kind: event.KindNotification, ID: "sweep-" + hex.EncodeToString(id),
