@@ -36,6 +36,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 )
 
@@ -284,7 +285,7 @@ func (a *Agent) requestRebind(reason string) {
 // consume binds to the consumer and pumps its messages to the worker, binding
 // again after every failure, until ctx ends.
 func (a *Agent) consume(ctx context.Context) error {
-	delay := a.o.RetryMin
+	retry := backoff.New(a.o.RetryMin, a.o.RetryMax)
 	for {
 		if ctx.Err() != nil {
 			return nil
@@ -300,7 +301,7 @@ func (a *Agent) consume(ctx context.Context) error {
 		if err != nil {
 			a.m.consumerErrors.WithLabelValues(consumerErrBind).Inc()
 		} else {
-			delay = a.o.RetryMin
+			retry.Reset()
 			a.mu.Lock()
 			a.lastBindErr = nil
 			a.mu.Unlock()
@@ -311,18 +312,16 @@ func (a *Agent) consume(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
+		delay := retry.Next()
 		if err != nil {
 			a.mu.Lock()
 			a.lastBindErr = err
 			a.mu.Unlock()
 			a.log.Warn("consumer unavailable, retrying", "err", err, "retry_in", delay)
 		}
-		select {
-		case <-ctx.Done():
+		if !backoff.Sleep(ctx, delay) {
 			return nil
-		case <-time.After(delay):
 		}
-		delay = min(2*delay, a.o.RetryMax)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"runtime/debug"
 	"time"
 
+	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 )
 
@@ -298,11 +299,8 @@ func (a *Agent) finish(it *item) {
 	a.tr.done(it.gen, it.seq, it.gap)
 }
 
-// retryDelay is the capped exponential back-off after n failures in a row.
+// retryDelay is the capped exponential back-off after n failures in a row:
+// RetryMin after the first, doubling up to RetryMax.
 func (a *Agent) retryDelay(n int) time.Duration {
-	d := a.o.RetryMin
-	for i := 1; i < n && d < a.o.RetryMax; i++ {
-		d *= 2
-	}
-	return min(d, a.o.RetryMax)
+	return backoff.Capped(a.o.RetryMin, a.o.RetryMax, n-1)
 }

@@ -27,12 +27,16 @@ func New(lo, hi time.Duration) *Backoff {
 }
 
 // step is the un-jittered wait after n failures: min·2ⁿ capped at max.
-func (b *Backoff) step(n int) time.Duration {
-	d := b.min
-	for i := 0; i < n && d > 0 && d < b.max; i++ {
+func (b *Backoff) step(n int) time.Duration { return Capped(b.min, b.max, n) }
+
+// Capped is lo·2ⁿ, capped at hi, without jitter: for callers that keep the
+// failure count themselves, per item. n of zero or less gives lo.
+func Capped(lo, hi time.Duration, n int) time.Duration {
+	d := lo
+	for i := 0; i < n && d > 0 && d < hi; i++ {
 		d *= 2
 	}
-	return min(d, b.max)
+	return min(d, max(lo, hi))
 }
 
 // Next records one more failure and returns the wait before the next

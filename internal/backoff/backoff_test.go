@@ -81,3 +81,26 @@ func TestSleep(t *testing.T) {
 		})
 	}
 }
+
+func TestCapped(t *testing.T) {
+	tests := []struct {
+		name   string
+		lo, hi time.Duration
+		n      int
+		want   time.Duration
+	}{
+		{"no failure yet", 100 * time.Millisecond, time.Second, 0, 100 * time.Millisecond},
+		{"negative count", 100 * time.Millisecond, time.Second, -1, 100 * time.Millisecond},
+		{"doubling", 100 * time.Millisecond, time.Second, 2, 400 * time.Millisecond},
+		{"capped", 100 * time.Millisecond, time.Second, 10, time.Second},
+		{"many failures stay capped", 100 * time.Millisecond, time.Second, 10000, time.Second},
+		{"hi below lo is constant", time.Second, time.Millisecond, 3, time.Second},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := Capped(tt.lo, tt.hi, tt.n); got != tt.want {
+				t.Fatalf("Capped(%s, %s, %d) = %s, want %s", tt.lo, tt.hi, tt.n, got, tt.want)
+			}
+		})
+	}
+}
