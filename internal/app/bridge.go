@@ -95,14 +95,21 @@ func connectNATS(ctx context.Context, o natsconn.Options, embedded natsserver.Op
 		name: "NATS connection",
 		run: func(ctx context.Context) error {
 			<-ctx.Done()
-			// Flush what was published, then close; bounded by the drain timeout.
+			// Flush what was published, then close: Drain closes the
+			// connection when done; wait for that at most 5 s.
+			closed := make(chan struct{})
+			nc.SetClosedHandler(func(*nats.Conn) { close(closed) })
+			if nc.IsClosed() {
+				return nil
+			}
 			if err := nc.Drain(); err != nil {
 				nc.Close()
 			}
-			for deadline := time.Now().Add(5 * time.Second); !nc.IsClosed() && time.Now().Before(deadline); {
-				time.Sleep(10 * time.Millisecond)
+			select {
+			case <-closed:
+			case <-time.After(5 * time.Second):
+				nc.Close()
 			}
-			nc.Close()
 			return nil
 		},
 		ready: func() error {
