@@ -34,10 +34,8 @@ func (f *agentFlags) registerAgent(s *config.Set) {
 	s.String(&f.o.Memcache.Servers, "memcached", "", "the region's memcached servers, as [keystone_authtoken] memcached_servers (required)")
 	s.String(&f.strategy, "strategy", string(tokencache.Targeted), "targeted (remove what an event concerns), sweep (every token entry) or flush (flush_all: only for a memcached that keystonemiddleware alone uses)")
 	s.Bool(&f.o.Memcache.TLS.Enabled, "memcached-tls", false, "connect to memcached with TLS")
-	s.String(&f.o.Memcache.TLS.CAFile, "memcached-tls-ca", "", "PEM CA bundle that memcached servers' certificates are checked against")
-	s.String(&f.o.Memcache.TLS.CertFile, "memcached-tls-cert", "", "PEM client certificate for memcached")
-	s.String(&f.o.Memcache.TLS.KeyFile, "memcached-tls-key", "", "PEM key of --memcached-tls-cert")
-	s.String(&f.o.Memcache.TLS.ServerName, "memcached-tls-server-name", "", "name checked in memcached servers' certificates (default: each server's host)")
+	t := &f.o.Memcache.TLS
+	registerTLS(s, "memcached", "memcached servers", &t.CAFile, &t.CertFile, &t.KeyFile, &t.ServerName)
 	s.Seconds(&a.SecondPassDelay, "second-pass-delay", regionagent.DefaultSecondPassDelay, "the same invalidation again after this delay, for validations in flight during the first")
 	s.Seconds(&a.ReplayMargin, "replay-margin", regionagent.DefaultReplayMargin, "added to --token-cache-time when replaying a new consumer's history")
 	s.Int(&a.BatchSize, "batch-size", regionagent.DefaultBatchSize, "most events handled by one invalidation")

@@ -35,13 +35,19 @@ func (c *common) logger(w io.Writer) (*slog.Logger, error) {
 	return newLogger(w, c.logFormat, c.logLevel)
 }
 
+// registerTLS registers --<prefix>-tls-ca, -cert, -key and -server-name, the
+// TLS files of one kind of connection; peers names the other ends (for help texts).
+func registerTLS(s *config.Set, prefix, peers string, ca, cert, key, serverName *string) {
+	s.String(ca, prefix+"-tls-ca", "", "PEM CA bundle that the certificates of "+peers+" are checked against (default: system roots)")
+	s.String(cert, prefix+"-tls-cert", "", "PEM client certificate for mutual TLS with "+peers)
+	s.String(key, prefix+"-tls-key", "", "PEM key of --"+prefix+"-tls-cert")
+	s.String(serverName, prefix+"-tls-server-name", "", "name checked in the certificates of "+peers+" (default: each address's host)")
+}
+
 // registerNATS registers the client flags of a NATS connection.
 func registerNATS(s *config.Set, o *natsconn.Options, urlDefault, urlUsage string) {
 	s.String(&o.URL, "nats-url", urlDefault, urlUsage)
-	s.String(&o.CAFile, "nats-tls-ca", "", "PEM CA bundle that NATS servers' certificates are checked against (default: system roots)")
-	s.String(&o.CertFile, "nats-tls-cert", "", "PEM client certificate for mutual TLS with NATS")
-	s.String(&o.KeyFile, "nats-tls-key", "", "PEM key of --nats-tls-cert")
-	s.String(&o.TLSServerName, "nats-tls-server-name", "", "name checked in the NATS servers' certificates (default: the URL's host)")
+	registerTLS(s, "nats", "NATS servers", &o.CAFile, &o.CertFile, &o.KeyFile, &o.TLSServerName)
 	s.String(&o.CredsFile, "nats-creds-file", "", "NATS credentials file (JWT and nkey seed)")
 	s.String(&o.NKeySeedFile, "nats-nkey-file", "", "file holding an nkey seed for NATS")
 	s.String(&o.User, "nats-user", "", "NATS user name (with --nats-password)")
@@ -85,10 +91,7 @@ func (f *bridgeFlags) register(s *config.Set) {
 	s.String(&o.Queue, "queue", bridge.DefaultQueue, "the bridge's own durable queue; bridge replicas share it")
 	s.String(&o.QueueType, "queue-type", bridge.DefaultQueueType, "queue type when the bridge creates it: quorum or classic")
 	s.String(&o.DeadLetterExchange, "dead-letter-exchange", "", "exchange that rejected bodies are dead-lettered to (default: acknowledged and counted)")
-	s.String(&o.TLS.CAFile, "amqp-tls-ca", "", "PEM CA bundle that brokers' certificates are checked against (amqps://)")
-	s.String(&o.TLS.CertFile, "amqp-tls-cert", "", "PEM client certificate for mutual TLS with RabbitMQ")
-	s.String(&o.TLS.KeyFile, "amqp-tls-key", "", "PEM key of --amqp-tls-cert")
-	s.String(&o.TLS.ServerName, "amqp-tls-server-name", "", "name checked in brokers' certificates (default: the URL's host)")
+	registerTLS(s, "amqp", "RabbitMQ brokers (amqps://)", &o.TLS.CAFile, &o.TLS.CertFile, &o.TLS.KeyFile, &o.TLS.ServerName)
 	s.Duration(&o.Heartbeat, "amqp-heartbeat", bridge.DefaultHeartbeat, "AMQP heartbeat interval")
 	s.Duration(&o.ConnectTimeout, "amqp-connect-timeout", bridge.DefaultConnectTimeout, "bound on connecting to one broker and setting up the queue")
 	s.Duration(&o.ReconnectMin, "amqp-reconnect-min", bridge.DefaultReconnectMin, "first wait before reconnecting to RabbitMQ; doubles up to --amqp-reconnect-max")
