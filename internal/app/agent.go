@@ -37,6 +37,13 @@ type AgentOptions struct {
 
 // Validate checks every option before anything is started.
 func (o *AgentOptions) Validate() error {
+	return errors.Join(o.validateRegion(), o.NATS.Validate())
+}
+
+// validateRegion checks the options of the agent itself, the memcached
+// servers and the strategy: all but NATS, which all-in-one shares with the
+// bridge.
+func (o *AgentOptions) validateRegion() error {
 	var errs []error
 	if err := o.Agent.Validate(); err != nil {
 		errs = append(errs, err)
@@ -48,11 +55,6 @@ func (o *AgentOptions) Validate() error {
 	}
 	if err := o.Invalidation.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("--strategy: %w", err))
-	}
-	if o.NATS.URL != "" || o.Agent.Region != "" {
-		if err := o.NATS.Validate(); err != nil {
-			errs = append(errs, err)
-		}
 	}
 	return errors.Join(errs...)
 }
@@ -114,8 +116,7 @@ type AllInOneOptions struct {
 // server (Bridge.HTTPAddr). On stop the bridge stops first, then the agent,
 // then NATS.
 func RunAllInOne(ctx context.Context, o AllInOneOptions, log *slog.Logger) error {
-	o.Agent.NATS = natsconn.Options{URL: "nats://placeholder"} // the shared connection is used
-	if err := errors.Join(o.Bridge.Validate(), o.Agent.Validate()); err != nil {
+	if err := errors.Join(o.Bridge.Validate(), o.Agent.validateRegion()); err != nil {
 		return err
 	}
 	reg := registry(o.Bridge.Registry)
