@@ -49,6 +49,15 @@ const (
 	MariaDBClient  = "/usr/bin/mariadb"
 )
 
+// EtcKeystone is where a packaged Keystone keeps its configuration and keys.
+// The harness's Keystone must need nothing from there: see Keystone.Isolated.
+const EtcKeystone = "/etc/keystone"
+
+// keyRepositories are the key directories the harness makes in its own
+// directory and names in keystone.conf. A repository left unnamed defaults to
+// a directory under /etc/keystone, which a fresh machine does not have.
+var keyRepositories = []string{"fernet-keys", "fernet-receipts", "credential-keys"}
+
 // dbPrefix starts the name of every database the harness creates; the owning
 // process id follows, so that databases left behind by a killed test binary can
 // be recognised and dropped by a later Start.
@@ -118,6 +127,12 @@ type Keystone struct {
 	Dir string
 	// Database is the MariaDB database Keystone uses.
 	Database string
+	// Isolated reports that keystone-manage and uwsgi ran where /etc/keystone
+	// is empty, so this Keystone depends on nothing a packaged Keystone left
+	// there: true when there is no /etc/keystone, or when the harness runs as
+	// root with unshare(1), which gives each of those programs a private mount
+	// namespace with an empty tmpfs over /etc/keystone.
+	Isolated bool
 
 	opts     Options
 	port     int
@@ -128,6 +143,7 @@ type Keystone struct {
 	waitErr  error
 	token    string // cached admin token
 	closed   bool
+	hideEtc  bool // run Keystone's programs with /etc/keystone hidden
 }
 
 // Start creates a database and the fernet and credential key repositories,
@@ -186,13 +202,14 @@ func Start(ctx context.Context, o Options) (*Keystone, error) {
 	}()
 
 	k.dropStale(ctx)
+	k.Isolated, k.hideEtc = isolation()
 
 	dir, err := os.MkdirTemp("", fmt.Sprintf("keystonetest-%d-", os.Getpid()))
 	if err != nil {
 		return nil, fmt.Errorf("keystonetest: %w", err)
 	}
 	k.Dir = dir
-	for _, d := range []string{"fernet-keys", "credential-keys"} {
+	for _, d := range keyRepositories {
 		if err := os.Mkdir(filepath.Join(dir, d), 0o700); err != nil {
 			return nil, fmt.Errorf("keystonetest: %w", err)
 		}
@@ -228,7 +245,7 @@ func Start(ctx context.Context, o Options) (*Keystone, error) {
 
 	// fernet_setup and credential_setup would each start Python for what
 	// amounts to writing two random keys: write them directly.
-	for _, d := range []string{"fernet-keys", "credential-keys"} {
+	for _, d := range keyRepositories {
 		if err := writeFernetKeys(filepath.Join(dir, d)); err != nil {
 			return nil, err
 		}
@@ -336,7 +353,8 @@ func (k *Keystone) StartServer(ctx context.Context) error {
 		k.mu.Unlock()
 		return fmt.Errorf("keystonetest: %w", err)
 	}
-	cmd := exec.Command(UWSGI, "--ini", filepath.Join(k.Dir, "uwsgi.ini"))
+	argv := k.argv(UWSGI, "--ini", filepath.Join(k.Dir, "uwsgi.ini"))
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Dir = k.Dir
 	cmd.Env = debianEnv()
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -496,6 +514,9 @@ expiration = %d
 [fernet_tokens]
 key_repository = %s
 
+[fernet_receipts]
+key_repository = %s
+
 [credential]
 key_repository = %s
 
@@ -507,7 +528,8 @@ password_hash_rounds = 4
 enabled = %t
 backend = dogpile.cache.memory
 `, host, port, k.Database, int(k.opts.TokenExpiration/time.Second),
-		filepath.Join(k.Dir, "fernet-keys"), filepath.Join(k.Dir, "credential-keys"), !k.opts.NoCache)
+		filepath.Join(k.Dir, "fernet-keys"), filepath.Join(k.Dir, "fernet-receipts"),
+		filepath.Join(k.Dir, "credential-keys"), !k.opts.NoCache)
 	return b.String()
 }
 
@@ -539,8 +561,8 @@ logto = %s
 func (k *Keystone) manage(ctx context.Context, args ...string) error {
 	ctx, cancel := context.WithTimeout(ctx, k.opts.StartTimeout)
 	defer cancel()
-	full := append([]string{"--config-file", k.confPath()}, args...)
-	cmd := exec.CommandContext(ctx, KeystoneManage, full...)
+	argv := k.argv(KeystoneManage, append([]string{"--config-file", k.confPath()}, args...)...)
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Dir = k.Dir
 	cmd.Env = debianEnv()
 	out, err := cmd.CombinedOutput()
@@ -548,6 +570,37 @@ func (k *Keystone) manage(ctx context.Context, args ...string) error {
 		return fmt.Errorf("keystonetest: keystone-manage %s: %w\n%s\n%s", args[0], err, out, k.LogTail(3000))
 	}
 	return nil
+}
+
+// unshare is util-linux's unshare(1).
+const unshare = "/usr/bin/unshare"
+
+// isolation decides whether Keystone's programs can run without seeing
+// /etc/keystone (isolated), and whether that needs hiding it (hide).
+func isolation() (isolated, hide bool) {
+	if _, err := os.Stat(EtcKeystone); errors.Is(err, os.ErrNotExist) {
+		return true, false
+	}
+	if os.Geteuid() != 0 {
+		return false, false
+	}
+	if _, err := os.Stat(unshare); err != nil {
+		return false, false
+	}
+	return true, true
+}
+
+// argv is the command line that runs program with args: as it is, or, when
+// /etc/keystone is to be hidden, through unshare(1) in a mount namespace of
+// its own where an empty tmpfs covers /etc/keystone. unshare and the shell
+// exec the program, so it keeps the process id (and process group) that the
+// harness signals.
+func (k *Keystone) argv(program string, args ...string) []string {
+	if !k.hideEtc {
+		return append([]string{program}, args...)
+	}
+	script := "mount -t tmpfs -o mode=0755,size=64k keystonetest-empty " + EtcKeystone + ` && exec "$@"`
+	return append([]string{unshare, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "keystonetest", program}, args...)
 }
 
 // mysql runs one statement with the mariadb client as root over TCP.

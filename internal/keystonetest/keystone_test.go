@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 )
@@ -13,6 +15,11 @@ import (
 func TestHarness(t *testing.T) {
 	ctx := t.Context()
 	k := StartTest(t, Options{TLS: true})
+	// A fresh machine has no /etc/keystone/fernet-keys (nor anything else a
+	// packaged Keystone sets up there): the harness must not depend on it.
+	if !k.Isolated {
+		t.Fatalf("Keystone ran with %s visible: run the tests as root with unshare(1) (util-linux) so that they prove it needs nothing from there", EtcKeystone)
+	}
 	if !strings.HasPrefix(k.URL, "https://127.0.0.1:") || k.CAFile == "" {
 		t.Fatalf("URL %q, CAFile %q: want https on 127.0.0.1 and a CA file", k.URL, k.CAFile)
 	}
@@ -122,5 +129,30 @@ func TestHarness(t *testing.T) {
 	}
 	if _, _, err := k.IssueToken(ctx, user, "pw-1", project); err != nil {
 		t.Fatalf("issuing a token after a restart: %v", err)
+	}
+}
+
+// TestIsolationHidesEtcKeystone checks the mechanism behind Keystone.Isolated:
+// a program run the way the harness runs keystone-manage and uwsgi sees an
+// empty /etc/keystone.
+func TestIsolationHidesEtcKeystone(t *testing.T) {
+	isolated, hide := isolation()
+	if !isolated {
+		t.Fatalf("cannot hide %s: run the tests as root with unshare(1) (util-linux)", EtcKeystone)
+	}
+	if !hide {
+		return // no /etc/keystone on this machine: nothing to hide
+	}
+	k := &Keystone{hideEtc: true}
+	argv := k.argv("/bin/ls", "-A", EtcKeystone)
+	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %v\n%s", argv, err, out)
+	}
+	if len(out) != 0 {
+		t.Fatalf("%s seen by Keystone's programs holds %q: want it empty", EtcKeystone, out)
+	}
+	if entries, _ := os.ReadDir(EtcKeystone); len(entries) == 0 {
+		t.Logf("%s is empty outside the namespace too", EtcKeystone)
 	}
 }

@@ -28,7 +28,7 @@ func TestMain(m *testing.M) {
 	cancel()
 	if err != nil {
 		// A required service: fail, never skip.
-		fmt.Fprintf(os.Stderr, "FAIL: starting Keystone for internal/revoke tests (run internal/keystonetest/install-deps.sh as root): %v\n", err)
+		fmt.Fprintf(os.Stderr, "FAIL: starting Keystone for internal/revoke tests: %v\n", err)
 		os.Exit(1)
 	}
 	ks = k
