@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	amqp "github.com/rabbitmq/amqp091-go"
 
@@ -22,6 +24,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
@@ -276,6 +279,101 @@ func TestValidationNamesTheFlagBeforeConnecting(t *testing.T) {
 			}
 			if n := accepted.Load(); n != 0 {
 				t.Errorf("%d connection(s) were made before the bad option was reported", n)
+			}
+		})
+	}
+}
+
+// TestAgentOutlivesNATSOutageAtStart starts an agent while its NATS server
+// refuses every connection (a proxy in front of a real server). The agent must
+// not exit: /healthz answers, /readyz says NATS is why it is not ready, and once
+// NATS answers the agent binds its consumer and becomes ready. A stop during
+// the first connect is clean (nil).
+func TestAgentOutlivesNATSOutageAtStart(t *testing.T) {
+	srv := natsserver.StartTest(t)
+	servers := memcachetest.Start(t, 1)
+	// The stream the bridge would have made.
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bridge.EnsureStream(t.Context(), js, bridge.DefaultStreamConfig()); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name     string
+		comeBack bool // NATS starts answering while the agent runs
+	}{
+		{name: "NATS comes back", comeBack: true},
+		{name: "stopped while connecting"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			proxy, err := tcpproxy.Start(strings.TrimPrefix(srv.ClientURL(), "nats://"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { proxy.Close() })
+			proxy.Refuse(true)
+
+			addr := make(chan string, 1)
+			o := AgentOptions{
+				Agent:           regionagent.Options{Region: "outage" + testutil.NameSuffix()},
+				Memcache:        memcache.Options{Servers: memcachetest.List(servers)},
+				Invalidation:    tokencache.Options{Strategy: tokencache.Targeted},
+				NATS:            natsconn.Options{URL: "nats://" + proxy.Addr()},
+				HTTPAddr:        "127.0.0.1:0",
+				ShutdownTimeout: 20 * time.Second,
+				Registry:        prometheus.NewRegistry(),
+				OnListen:        func(a string) { addr <- a },
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			done := make(chan error, 1)
+			go func() { done <- RunAgent(ctx, o, testLog(t)) }()
+			var base string
+			select {
+			case a := <-addr:
+				base = "http://" + a
+			case err := <-done:
+				t.Fatalf("agent exited while NATS was unreachable: %v", err)
+			case <-time.After(20 * time.Second):
+				t.Fatal("agent did not serve HTTP within 20s while NATS was unreachable")
+			}
+			// Longer than the old bounded first connect (10 s) would be slow;
+			// what matters is that the agent is still there and says why.
+			testutil.Eventually(t, 10*time.Second, "/readyz to blame NATS", func() (bool, string) {
+				code, body := httpGet(base + "/readyz")
+				return code == http.StatusServiceUnavailable && strings.Contains(body, "NATS at nats://"+proxy.Addr()), fmt.Sprintf("%d %s", code, body)
+			})
+			if code, body := httpGet(base + "/healthz"); code != 200 {
+				t.Fatalf("/healthz = %d %s while NATS is unreachable, want 200", code, body)
+			}
+			select {
+			case err := <-done:
+				t.Fatalf("agent exited while NATS was unreachable: %v", err)
+			default:
+			}
+			if tt.comeBack {
+				proxy.Refuse(false)
+				testutil.Eventually(t, 30*time.Second, "/readyz to answer 200 once NATS answers", func() (bool, string) {
+					code, body := httpGet(base + "/readyz")
+					return code == 200, fmt.Sprintf("%d %s", code, body)
+				})
+			}
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("stop returned %v, want nil", err)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("agent did not stop within 20s")
 			}
 		})
 	}

@@ -3,7 +3,6 @@ package app
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"time"
 
@@ -69,7 +68,9 @@ func (e *embeddedNATS) run(ctx context.Context) error {
 
 // connectNATS starts the embedded server when no URL is given, then connects.
 // The returned components are the embedded server (if any) and the connection,
-// in start order.
+// in start order. A NATS server that does not answer yet does not stop the
+// start: the connection keeps trying in the background (natsconn KeepTrying)
+// while the process serves /healthz, and its readiness says why it waits.
 func connectNATS(ctx context.Context, o natsconn.Options, embedded natsserver.Options, name string, log *slog.Logger) (*nats.Conn, []component, error) {
 	var comps []component
 	if o.URL == "" {
@@ -82,6 +83,7 @@ func connectNATS(ctx context.Context, o natsconn.Options, embedded natsserver.Op
 		comps = append(comps, component{name: "embedded NATS server", run: e.run})
 		o.URL = srv.ClientURL()
 	}
+	o.KeepTrying = true
 	nc, err := natsconn.Connect(ctx, o, name, log, nil)
 	if err != nil {
 		for _, c := range comps {
@@ -112,12 +114,7 @@ func connectNATS(ctx context.Context, o natsconn.Options, embedded natsserver.Op
 			}
 			return nil
 		},
-		ready: func() error {
-			if !nc.IsConnected() {
-				return fmt.Errorf("NATS is %s", nc.Status())
-			}
-			return nil
-		},
+		ready: func() error { return natsconn.NotConnected(nc, o) },
 	})
 	return nc, comps, nil
 }

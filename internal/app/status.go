@@ -62,6 +62,10 @@ func RunStatus(ctx context.Context, o StatusOptions, w io.Writer, log *slog.Logg
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	st, err := GetStatus(ctx, js, o.Stream)
+	if errors.Is(err, errNoStream) {
+		return fmt.Errorf("stream %q does not exist on the NATS server at %s: give the bridge's NATS with --nats-url (and its stream with --stream), or start a bridge there",
+			o.Stream, natsconn.Redact(o.NATS.URL))
+	}
 	if err != nil {
 		return err
 	}
@@ -87,11 +91,14 @@ func RunStatus(ctx context.Context, o StatusOptions, w io.Writer, log *slog.Logg
 	return tw.Flush()
 }
 
+// errNoStream is GetStatus's error when the stream does not exist.
+var errNoStream = errors.New("has a bridge run against this NATS? (--stream)")
+
 // GetStatus reads the stream's state and its consumers.
 func GetStatus(ctx context.Context, js jetstream.JetStream, stream string) (*Status, error) {
 	s, err := js.Stream(ctx, stream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		return nil, fmt.Errorf("stream %q does not exist: has a bridge run against this NATS? (--stream)", stream)
+		return nil, fmt.Errorf("stream %q does not exist: %w", stream, errNoStream)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("stream %q: %w", stream, err)

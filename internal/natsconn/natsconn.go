@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -40,24 +41,55 @@ type Options struct {
 	// Token is an authentication token.
 	Token string
 	// ConnectTimeout bounds the first connection; default 10 s. After the first
-	// connection reconnects are unlimited.
+	// connection reconnects are unlimited. Ignored with KeepTrying.
 	ConnectTimeout time.Duration
+	// KeepTrying makes Connect return at once even when no server answers
+	// yet: the connection keeps trying in the background, forever, in status
+	// RECONNECTING until it succeeds (NotConnected says why). Long-running
+	// commands set it, so that they serve /healthz meanwhile and /readyz says
+	// why they wait; one-shot commands leave it false and fail after
+	// ConnectTimeout.
+	KeepTrying bool
 }
 
-// Validate checks the options without connecting. Errors name the flag.
+// Validate checks the options without connecting: every error, joined, each
+// naming the flag and the fix. The TLS files are loaded, so that a bad one
+// fails here rather than at the first connection.
 func (o Options) Validate() error {
+	var errs []error
 	if strings.TrimSpace(o.URL) == "" {
-		return errors.New("--nats-url is empty: give the NATS server URL, for example nats://127.0.0.1:4222")
+		errs = append(errs, errors.New("--nats-url is empty: give the NATS server URL, for example nats://127.0.0.1:4222"))
 	}
 	for _, u := range strings.Split(o.URL, ",") {
 		u = strings.TrimSpace(u)
-		if !strings.Contains(u, "://") {
-			continue // host:port is accepted by nats.go
+		if u == "" {
+			continue
 		}
-		switch strings.SplitN(u, "://", 2)[0] {
+		scheme, rest, found := strings.Cut(u, "://")
+		if !found {
+			// nats.go would take host:port, but also misspelt schemes
+			// ("nats//h:4222") as a host name: only a connection attempt
+			// would tell. The credentials are left out of the message.
+			shown, fixed := u, u
+			for _, p := range []string{"nats:", "nats/", "tls:", "tls/"} {
+				if len(fixed) > len(p) && strings.EqualFold(fixed[:len(p)], p) {
+					fixed = strings.TrimLeft(fixed[len(p):], "/")
+					break
+				}
+			}
+			if at := strings.LastIndex(u, "@"); at >= 0 {
+				shown = "***" + u[at:]
+				fixed = "***" + fixed[strings.LastIndex(fixed, "@"):]
+			}
+			errs = append(errs, fmt.Errorf("--nats-url %q has no scheme: write nats://HOST:PORT (tls://HOST:PORT for TLS), here nats://%s",
+				shown, fixed))
+			continue
+		}
+		switch scheme {
 		case "nats", "tls", "ws", "wss":
 		default:
-			return fmt.Errorf("--nats-url %q: scheme must be nats:// or tls://", u)
+			hostPort := rest[strings.LastIndex(rest, "@")+1:]
+			errs = append(errs, fmt.Errorf("--nats-url %q: scheme must be nats:// or tls://, for example nats://%s", Redact(u), hostPort))
 		}
 	}
 	n := 0
@@ -67,30 +99,40 @@ func (o Options) Validate() error {
 		}
 	}
 	if n > 1 {
-		return errors.New("--nats-creds-file, --nats-nkey-file, --nats-user/--nats-password and --nats-token are exclusive: give one")
+		errs = append(errs, errors.New("--nats-creds-file, --nats-nkey-file, --nats-user/--nats-password and --nats-token are exclusive: give one"))
 	}
 	if (o.CertFile == "") != (o.KeyFile == "") {
-		return errors.New("--nats-tls-cert and --nats-tls-key go together: give both or neither")
+		errs = append(errs, errors.New("--nats-tls-cert and --nats-tls-key go together: give both or neither"))
 	}
-	for flag, f := range map[string]string{"--nats-tls-ca": o.CAFile, "--nats-tls-cert": o.CertFile,
-		"--nats-tls-key": o.KeyFile, "--nats-creds-file": o.CredsFile, "--nats-nkey-file": o.NKeySeedFile} {
-		if f == "" {
+	missing := false
+	for _, f := range []struct{ flag, path string }{{"--nats-tls-ca", o.CAFile}, {"--nats-tls-cert", o.CertFile},
+		{"--nats-tls-key", o.KeyFile}, {"--nats-creds-file", o.CredsFile}, {"--nats-nkey-file", o.NKeySeedFile}} {
+		if f.path == "" {
 			continue
 		}
-		if _, err := os.Stat(f); err != nil {
-			return fmt.Errorf("%s: %w", flag, err)
+		if _, err := os.Stat(f.path); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", f.flag, err))
+			missing = true
 		}
 	}
-	return nil
+	if !missing && (o.CertFile == "") == (o.KeyFile == "") && (o.CAFile != "" || o.CertFile != "") {
+		if _, err := tlsConfig(o); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Connect connects to NATS with unlimited reconnects, logging disconnects and
 // reconnects, and calls onReconnect (when not nil) after each reconnect. The
-// first connection is retried until ctx ends or ConnectTimeout passes.
+// first connection is retried until ctx ends or ConnectTimeout passes, or,
+// with KeepTrying, in the background for as long as the connection is open
+// (onReconnect is then also called when it first succeeds).
 func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onReconnect func()) (*nats.Conn, error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
+	var failures atomic.Int64 // connection attempts failed in a row
 	opts := []nats.Option{
 		nats.Name(name),
 		nats.MaxReconnects(-1),
@@ -108,11 +150,21 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 			log.Warn("NATS disconnected", "err", err)
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
+			failures.Store(0)
 			log.Info("NATS reconnected", "url", nc.ConnectedUrlRedacted())
 			if onReconnect != nil {
 				onReconnect()
 			}
 		}),
+		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
+			// Every failed attempt would be a line every second or so during
+			// an outage: log the 1st, 2nd, 4th, 8th... and let /readyz and the
+			// connection's status tell the rest.
+			if n := failures.Add(1); n&(n-1) == 0 {
+				log.Warn("NATS not reachable, still trying", "url", Redact(o.URL), "attempts", n, "err", err)
+			}
+		}),
+		nats.ConnectHandler(func(nc *nats.Conn) { failures.Store(0) }),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
 			subject := ""
 			if sub != nil {
@@ -142,6 +194,16 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 	case o.Token != "":
 		opts = append(opts, nats.Token(o.Token))
 	}
+	if o.KeepTrying {
+		nc, err := nats.Connect(o.URL, append(opts, nats.RetryOnFailedConnect(true))...)
+		if err != nil {
+			return nil, fmt.Errorf("connecting to NATS at %s: %w", Redact(o.URL), err)
+		}
+		if !nc.IsConnected() {
+			log.Warn("NATS not reachable yet, trying in the background", "url", Redact(o.URL), "err", nc.LastError())
+		}
+		return nc, nil
+	}
 	timeout := o.ConnectTimeout
 	if timeout <= 0 {
 		timeout = 10 * time.Second
@@ -154,13 +216,25 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 			return nc, nil
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("connecting to NATS at %s: %w", redact(o.URL), err)
+			return nil, fmt.Errorf("connecting to NATS at %s: %w", Redact(o.URL), err)
 		}
-		log.Warn("NATS not reachable yet, retrying", "url", redact(o.URL), "err", err)
+		log.Warn("NATS not reachable yet, retrying", "url", Redact(o.URL), "err", err)
 		if !backoff.Sleep(ctx, retry.Next()) {
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// NotConnected says why nc is not connected now, naming the servers (without
+// credentials) and the last error; nil when it is connected.
+func NotConnected(nc *nats.Conn, o Options) error {
+	if nc.IsConnected() {
+		return nil
+	}
+	if err := nc.LastError(); err != nil {
+		return fmt.Errorf("NATS at %s is %s: %w", Redact(o.URL), nc.Status(), err)
+	}
+	return fmt.Errorf("NATS at %s is %s", Redact(o.URL), nc.Status())
 }
 
 func tlsConfig(o Options) (*tls.Config, error) {
@@ -168,15 +242,21 @@ func tlsConfig(o Options) (*tls.Config, error) {
 		tlsconf.FlagNames{CA: "--nats-tls-ca", Cert: "--nats-tls-cert", Key: "--nats-tls-key"})
 }
 
-// redact hides passwords and tokens in URLs for logs.
-func redact(urls string) string {
+// Redact hides the credentials of comma-separated NATS URLs
+// ("nats://user:pass@host:4222", "nats://token@host:4222", "user:pass@host")
+// for logs and messages.
+func Redact(urls string) string {
 	parts := strings.Split(urls, ",")
 	for i, u := range parts {
+		u = strings.TrimSpace(u)
 		if at := strings.LastIndex(u, "@"); at >= 0 {
+			prefix := ""
 			if s := strings.Index(u, "://"); s >= 0 && s < at {
-				parts[i] = u[:s+3] + "***" + u[at:]
+				prefix = u[:s+3]
 			}
+			u = prefix + "***" + u[at:]
 		}
+		parts[i] = u
 	}
 	return strings.Join(parts, ",")
 }
