@@ -64,17 +64,38 @@ func splitURLList(v string) ([]string, error) {
 			items = append(items, piece)
 			continue
 		}
+		if fixed, ok := schemeTypo(piece); ok {
+			return nil, fmt.Errorf("--amqp-url: %q: the scheme lacks its \"://\": write %s",
+				redactURL(piece), redactURL(fixed))
+		}
 		if len(items) == 0 {
 			if piece == "" {
 				continue
 			}
 			return nil, fmt.Errorf("--amqp-url: %q has no scheme: write amqp://%s/ (or amqps://, rabbit://)",
-				redactPiece(piece), redactPiece(piece))
+				redactURL(piece), redactURL(piece))
 		}
 		// Keep empty pieces: "rabbit://h1,,h2/" is an error parseAMQPURL reports.
 		items[len(items)-1] += "," + piece
 	}
 	return items, nil
+}
+
+// schemeTypo recognises a supported scheme whose "://" is misspelt
+// ("amqp//h/", "amqp:/h/") and returns the piece with it written right. A
+// host named like a scheme ("amqp:5672") is not one.
+func schemeTypo(piece string) (string, bool) {
+	for _, scheme := range []string{"amqps", "amqp", "rabbit"} {
+		if len(piece) <= len(scheme) || !strings.EqualFold(piece[:len(scheme)], scheme) {
+			continue
+		}
+		rest := piece[len(scheme):]
+		if !strings.HasPrefix(rest, "//") && !strings.HasPrefix(rest, ":/") {
+			continue
+		}
+		return strings.ToLower(scheme) + "://" + strings.TrimLeft(rest, ":/"), true
+	}
+	return "", false
 }
 
 var (
@@ -100,13 +121,17 @@ func parseAMQPURL(raw string) ([]string, error) {
 	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
 		netloc, tail = rest[:i], rest[i:]
 	}
+	if unencodedUserinfo(netloc, tail) {
+		return nil, fmt.Errorf("--amqp-url %q: a user name or password holds an unencoded '/', '?' or '#' (read as the start of the path, query or fragment): percent-encode it (%%2F, %%3F, %%23)",
+			redactURL(raw))
+	}
 	// The path and query are shared by every host.
 	t, err := url.Parse("amqp://host" + tail)
 	if err != nil {
-		return nil, fmt.Errorf("--amqp-url %q: %v", redactURL(raw), err)
+		return nil, fmt.Errorf("--amqp-url %q: %v", redactURL(raw), unwrapURLError(err))
 	}
 	if t.Fragment != "" {
-		return nil, fmt.Errorf("--amqp-url %q: unexpected fragment #%s; percent-encode '#' in passwords (%%23)", redactURL(raw), t.Fragment)
+		return nil, fmt.Errorf("--amqp-url %q: unexpected fragment (#...); percent-encode '#' in passwords (%%23)", redactURL(raw))
 	}
 	q := t.Query()
 	if q.Has("ssl") {
@@ -143,10 +168,10 @@ func parseAMQPURL(raw string) ([]string, error) {
 		// gives the same URLs.
 		u := scheme + "://" + h + suffix
 		if _, err := url.Parse(u); err != nil {
-			return nil, fmt.Errorf("--amqp-url %q: host %q: %v", redactURL(raw), redactPiece(h), unwrapURLError(err))
+			return nil, fmt.Errorf("--amqp-url %q: host %q: %v", redactURL(raw), hostOf(h), unwrapURLError(err))
 		}
 		if _, err := amqp.ParseURI(u); err != nil {
-			return nil, fmt.Errorf("--amqp-url %q: host %q: %v", redactURL(raw), redactPiece(h), err)
+			return nil, fmt.Errorf("--amqp-url %q: host %q: %v", redactURL(raw), hostOf(h), unwrapURLError(err))
 		}
 		out = append(out, u)
 	}
@@ -159,6 +184,12 @@ func unwrapURLError(err error) error {
 		return ue.Err
 	}
 	return err
+}
+
+// hostOf is the host[:port] of "user:pass@host:port", without the
+// credentials.
+func hostOf(h string) string {
+	return h[strings.LastIndex(h, "@")+1:]
 }
 
 // redactURL hides the passwords of a URL (possibly with several hosts) for
@@ -177,7 +208,21 @@ func redactURL(raw string) string {
 	for i, h := range hosts {
 		hosts[i] = redactPiece(h)
 	}
+	if unencodedUserinfo(netloc, tail) {
+		// A password with an unencoded '/', '?' or '#' ends the host list
+		// early: hide the last host up to the last '@'.
+		hosts[len(hosts)-1] = "xxxxx" + tail[strings.LastIndex(tail, "@"):]
+		tail = ""
+	}
 	return scheme + "://" + strings.Join(hosts, ",") + tail
+}
+
+// unencodedUserinfo reports whether the last host of netloc has no '@' but
+// the rest of the URL has one: the user name or password of that host holds
+// an unencoded '/', '?' or '#', which ended the host list early.
+func unencodedUserinfo(netloc, tail string) bool {
+	last := netloc[strings.LastIndex(netloc, ",")+1:]
+	return !strings.Contains(last, "@") && strings.Contains(tail, "@")
 }
 
 // redactPiece hides the password in "user:pass@host".

@@ -34,7 +34,7 @@ var (
 	flagBenchDeadline = flag.Duration("e2e.bench-deadline", 30*time.Second,
 		"BenchmarkAgentFullPath: how long one notification's entries may take to be removed before the benchmark fails")
 	flagBenchAgentArgs = flag.String("e2e.bench-agent-args", "",
-		"BenchmarkAgentFullPath: extra agent flags, space-separated (e.g. \"--batch-linger=-1ms --second-pass-delay=-1\")")
+		"BenchmarkAgentFullPath: extra agent flags, space-separated (e.g. \"--batch-linger=0 --second-pass-delay=300\")")
 )
 
 // benchEntryTTL is the TTL of the benchmark's entries. keystonemiddleware

@@ -68,7 +68,9 @@ type Options struct {
 
 	// SecondPassDelay (--second-pass-delay, default 2s) is how long after the
 	// first invalidation of an event ends the same invalidation runs again;
-	// negative disables the second pass (not recommended).
+	// 0 means the default. It must not be negative: there is no way to turn
+	// the second pass off, because without it a validation in flight during
+	// the first pass can write a stale entry back.
 	//
 	// Why: keystonemiddleware (auth_token fetch_token) asks Keystone first and
 	// writes the answer to memcached after. A validation that Keystone answered
@@ -197,6 +199,9 @@ type Options struct {
 	// skippedFetchLimit (tests only) bounds the skipped sequences one jump
 	// fetches (default defaultSkippedFetchLimit); negative fetches none.
 	skippedFetchLimit int
+	// noSecondPass (tests only) acknowledges events after their first pass,
+	// unless SecondPassDelay is set.
+	noSecondPass bool
 }
 
 var regionPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
@@ -211,7 +216,9 @@ func (o *Options) setDefaults() {
 	if o.ReplayMargin == 0 {
 		o.ReplayMargin = DefaultReplayMargin
 	}
-	if o.SecondPassDelay == 0 {
+	if o.SecondPassDelay != 0 {
+		o.noSecondPass = false
+	} else if !o.noSecondPass {
 		o.SecondPassDelay = DefaultSecondPassDelay
 	}
 	if o.BatchSize == 0 {
@@ -282,7 +289,9 @@ func (o *Options) Validate() error {
 	if o.ReplayMargin < 0 {
 		add("--replay-margin %s: must not be negative (default %s)", o.ReplayMargin, DefaultReplayMargin)
 	}
-	if o.SecondPassDelay > o.TokenCacheTime {
+	if o.SecondPassDelay < 0 {
+		add("--second-pass-delay %s: must not be negative; 0 means the default %s (the second pass cannot be turned off)", o.SecondPassDelay, DefaultSecondPassDelay)
+	} else if o.SecondPassDelay > o.TokenCacheTime {
 		add("--second-pass-delay %s is longer than --token-cache-time %s: use a few seconds (default %s)", o.SecondPassDelay, o.TokenCacheTime, DefaultSecondPassDelay)
 	}
 	if o.BatchSize < 1 || o.BatchSize > 100000 {

@@ -36,10 +36,10 @@ func (f *agentFlags) registerAgent(s *config.Set) {
 	s.Bool(&f.o.Memcache.TLS.Enabled, "memcached-tls", false, "connect to memcached with TLS")
 	t := &f.o.Memcache.TLS
 	registerTLS(s, "memcached", "memcached servers", &t.CAFile, &t.CertFile, &t.KeyFile, &t.ServerName)
-	s.Seconds(&a.SecondPassDelay, "second-pass-delay", regionagent.DefaultSecondPassDelay, "the same invalidation again after this delay, for validations in flight during the first")
+	s.Seconds(&a.SecondPassDelay, "second-pass-delay", regionagent.DefaultSecondPassDelay, "the same invalidation again after this delay, for validations in flight during the first (0: the default; it cannot be turned off)")
 	s.Seconds(&a.ReplayMargin, "replay-margin", regionagent.DefaultReplayMargin, "added to --token-cache-time when replaying a new consumer's history")
 	s.Int(&a.BatchSize, "batch-size", regionagent.DefaultBatchSize, "most events handled by one invalidation")
-	s.Duration(&a.BatchLinger, "batch-linger", regionagent.DefaultBatchLinger, "how long an idle agent's first event waits for others to share its invalidation")
+	s.Duration(&a.BatchLinger, "batch-linger", regionagent.DefaultBatchLinger, "how long an idle agent's first event waits for others to share its invalidation (0: no wait)")
 	s.Int(&a.MaxAckPending, "max-ack-pending", regionagent.DefaultMaxAckPending, "most events delivered and not yet acknowledged")
 	s.Durations(&a.RedeliveryBackoff, "redelivery-backoff", regionagent.DefaultRedeliveryBackoff, "JetStream redelivery delays of an event whose agent went silent")
 	s.Duration(&a.RetryMin, "retry-min", regionagent.DefaultRetryMin, "first wait before retrying a failed invalidation; doubles up to --retry-max")
@@ -59,6 +59,9 @@ func (f *agentFlags) finish() error {
 		return err
 	}
 	f.o.Invalidation.Strategy = st
+	if f.o.Agent.BatchLinger == 0 {
+		f.o.Agent.BatchLinger = -1 // --batch-linger 0: no wait (0 in Options is the default)
+	}
 	f.o.Agent.ShutdownTimeout = min(f.shutdown/2, regionagent.DefaultShutdownTimeout)
 	f.o.HTTPAddr, f.o.ShutdownTimeout = f.httpAddr, f.shutdown
 	return nil
@@ -124,6 +127,9 @@ func runAllInOne(ctx context.Context, args []string, stdout, stderr io.Writer, g
 	if bf.revoke.URL != "" {
 		r := bf.revoke
 		o.Bridge.Revoke = &r
+	}
+	if err := o.Validate(); err != nil {
+		return usageError{err}
 	}
 	return app.RunAllInOne(ctx, o, log)
 }

@@ -90,6 +90,7 @@ func (f *bridgeFlags) register(s *config.Set) {
 	s.List(&o.RoutingKeys, "routing-key", []string{bridge.DefaultRoutingKey}, "routing keys binding the queue to the exchange (<topic>.<priority>)")
 	s.String(&o.Queue, "queue", bridge.DefaultQueue, "the bridge's own durable queue; bridge replicas share it")
 	s.String(&o.QueueType, "queue-type", bridge.DefaultQueueType, "queue type when the bridge creates it: quorum or classic")
+	s.Duration(&o.QueueMessageTTL, "queue-message-ttl", bridge.DefaultQueueMessageTTL, "x-message-ttl of the queue when the bridge creates it: longer than the services' token_cache_time, after which a waiting notification can no longer matter")
 	s.String(&o.DeadLetterExchange, "dead-letter-exchange", "", "exchange that rejected bodies are dead-lettered to (default: acknowledged and counted)")
 	registerTLS(s, "amqp", "RabbitMQ brokers (amqps://)", &o.TLS.CAFile, &o.TLS.CertFile, &o.TLS.KeyFile, &o.TLS.ServerName)
 	s.Duration(&o.Heartbeat, "amqp-heartbeat", bridge.DefaultHeartbeat, "AMQP heartbeat interval")

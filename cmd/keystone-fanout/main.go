@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 )
 
 const usage = `keystone-fanout: OpenStack token revocation in every region within milliseconds.
@@ -98,7 +99,7 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 	if err := lv.UnmarshalText([]byte(level)); err != nil {
 		return nil, usageError{fmt.Errorf("--log-level %q: want debug, info, warn or error", level)}
 	}
-	opts := &slog.HandlerOptions{Level: lv}
+	opts := &slog.HandlerOptions{Level: lv, ReplaceAttr: readableDurations}
 	switch strings.ToLower(format) {
 	case "json":
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
@@ -106,4 +107,23 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 		return slog.New(slog.NewTextHandler(w, opts)), nil
 	}
 	return nil, usageError{fmt.Errorf("--log-format %q: want json or text", format)}
+}
+
+// readableDurations logs time.Duration values as Go writes them ("5m0s"),
+// not as the JSON handler would (integer nanoseconds); lists of durations
+// too.
+func readableDurations(_ []string, a slog.Attr) slog.Attr {
+	switch a.Value.Kind() {
+	case slog.KindDuration:
+		a.Value = slog.StringValue(a.Value.Duration().String())
+	case slog.KindAny:
+		if ds, ok := a.Value.Any().([]time.Duration); ok {
+			s := make([]string, len(ds))
+			for i, d := range ds {
+				s[i] = d.String()
+			}
+			a.Value = slog.AnyValue(s)
+		}
+	}
+	return a
 }

@@ -111,12 +111,18 @@ type AllInOneOptions struct {
 	Agent  AgentOptions
 }
 
+// Validate checks every option before anything is started: the bridge's, and
+// the agent's own (the agent shares the bridge's NATS options).
+func (o *AllInOneOptions) Validate() error {
+	return errors.Join(o.Bridge.Validate(), o.Agent.validateRegion())
+}
+
 // RunAllInOne runs the embedded NATS server (unless Bridge.NATS.URL is set),
 // the bridge and one agent, sharing one connection, one registry and one HTTP
 // server (Bridge.HTTPAddr). On stop the bridge stops first, then the agent,
 // then NATS.
 func RunAllInOne(ctx context.Context, o AllInOneOptions, log *slog.Logger) error {
-	if err := errors.Join(o.Bridge.Validate(), o.Agent.validateRegion()); err != nil {
+	if err := o.Validate(); err != nil {
 		return err
 	}
 	reg := registry(o.Bridge.Registry)

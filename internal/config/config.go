@@ -35,6 +35,9 @@ type Set struct {
 	secrets map[string]*string // flag name -> its value, read from name-file when given
 	files   map[string]*string
 	lists   map[string]*List
+	// example is the first flag registered: the help text's example of a
+	// variable, so that it names a flag the command has.
+	example string
 }
 
 // New returns an empty Set for the subcommand name; usage is printed above the
@@ -45,9 +48,12 @@ func New(name, usage string, out io.Writer) *Set {
 	s := &Set{fs: fs, secrets: map[string]*string{}, files: map[string]*string{}, lists: map[string]*List{}}
 	fs.Usage = func() {
 		fmt.Fprintf(out, "%s\n\nFlags (each also from the environment as %s<FLAG>, for example %s):\n",
-			strings.TrimSpace(usage), EnvPrefix, EnvName("http-addr"))
+			strings.TrimSpace(usage), EnvPrefix, EnvName(s.example))
 		fs.VisitAll(func(f *flag.Flag) {
 			typ, help := flag.UnquoteUsage(f)
+			if _, ok := f.Value.(*duration); ok {
+				typ = "duration"
+			}
 			fmt.Fprintf(out, "  --%s", f.Name)
 			if typ != "" && typ != "value" {
 				fmt.Fprintf(out, " %s", typ)
@@ -62,22 +68,69 @@ func New(name, usage string, out io.Writer) *Set {
 	return s
 }
 
+// registered notes that flag name was registered.
+func (s *Set) registered(name string) {
+	if s.example == "" {
+		s.example = name
+	}
+}
+
 // String registers a string flag.
-func (s *Set) String(p *string, name, def, usage string) { s.fs.StringVar(p, name, def, usage) }
+func (s *Set) String(p *string, name, def, usage string) {
+	s.registered(name)
+	s.fs.StringVar(p, name, def, usage)
+}
 
 // Bool registers a boolean flag.
-func (s *Set) Bool(p *bool, name string, def bool, usage string) { s.fs.BoolVar(p, name, def, usage) }
+func (s *Set) Bool(p *bool, name string, def bool, usage string) {
+	s.registered(name)
+	s.fs.BoolVar(p, name, def, usage)
+}
 
 // Int registers an integer flag.
-func (s *Set) Int(p *int, name string, def int, usage string) { s.fs.IntVar(p, name, def, usage) }
+func (s *Set) Int(p *int, name string, def int, usage string) {
+	s.registered(name)
+	s.fs.IntVar(p, name, def, usage)
+}
 
-// Duration registers a duration flag ("2s", "24h").
+// Duration registers a duration flag ("2s", "24h"). A negative value is
+// rejected.
 func (s *Set) Duration(p *time.Duration, name string, def time.Duration, usage string) {
-	s.fs.DurationVar(p, name, def, usage)
+	s.registered(name)
+	*p = def
+	s.fs.Var((*duration)(p), name, usage)
+}
+
+// duration is a flag.Value like flag.Duration's that rejects negative values.
+type duration time.Duration
+
+func (d *duration) String() string {
+	if d == nil {
+		return ""
+	}
+	return time.Duration(*d).String()
+}
+
+func (d *duration) Set(v string) error {
+	x, err := time.ParseDuration(strings.TrimSpace(v))
+	if err != nil {
+		return fmt.Errorf("%q is not a duration: write it like 500ms, 30s or 5m", v)
+	}
+	if x < 0 {
+		return negative(v)
+	}
+	*d = duration(x)
+	return nil
+}
+
+// negative is the error of a negative duration flag value.
+func negative(v string) error {
+	return fmt.Errorf("%q is negative: give 0 or a positive duration such as 5s", v)
 }
 
 // Secret registers a secret string flag and its --name-file twin.
 func (s *Set) Secret(p *string, name, usage string) {
+	s.registered(name)
 	s.fs.StringVar(p, name, "", usage+" (prefer --"+name+"-file)")
 	f := new(string)
 	s.fs.StringVar(f, name+"-file", "", "file holding --"+name)
@@ -88,6 +141,7 @@ func (s *Set) Secret(p *string, name, usage string) {
 // List registers a repeatable flag; def is used when the flag is given
 // neither on the command line nor in the environment.
 func (s *Set) List(p *[]string, name string, def []string, usage string) {
+	s.registered(name)
 	l := &List{target: p, def: def}
 	*p = append([]string(nil), def...)
 	s.fs.Var(l, name, usage+" (repeatable, or comma-separated)")
@@ -205,7 +259,9 @@ func splitList(v string) []string {
 
 // Seconds registers a duration flag that also accepts a bare number of
 // seconds, as OpenStack configuration files give durations ("300" or "5m").
+// A negative value is rejected.
 func (s *Set) Seconds(p *time.Duration, name string, def time.Duration, usage string) {
+	s.registered(name)
 	*p = def
 	s.fs.Var((*seconds)(p), name, usage+" (seconds, or a duration such as 5m)")
 }
@@ -223,7 +279,7 @@ func (d *seconds) Set(v string) error {
 	v = strings.TrimSpace(v)
 	if n, err := strconv.ParseFloat(v, 64); err == nil {
 		if n < 0 {
-			return fmt.Errorf("%q is negative", v)
+			return negative(v)
 		}
 		*d = seconds(time.Duration(n * float64(time.Second)))
 		return nil
@@ -232,12 +288,17 @@ func (d *seconds) Set(v string) error {
 	if err != nil {
 		return fmt.Errorf("%q is neither a number of seconds nor a duration", v)
 	}
+	if x < 0 {
+		return negative(v)
+	}
 	*d = seconds(x)
 	return nil
 }
 
-// Durations registers a repeatable list of durations ("10s,30s,1m").
+// Durations registers a repeatable list of durations ("10s,30s,1m"). A
+// negative duration is rejected.
 func (s *Set) Durations(p *[]time.Duration, name string, def []time.Duration, usage string) {
+	s.registered(name)
 	*p = append([]time.Duration(nil), def...)
 	s.fs.Var(&durations{target: p}, name, usage+" (comma-separated durations)")
 }
@@ -267,6 +328,9 @@ func (d *durations) Set(v string) error {
 		x, err := time.ParseDuration(part)
 		if err != nil {
 			return err
+		}
+		if x < 0 {
+			return negative(part)
 		}
 		*d.target = append(*d.target, x)
 	}

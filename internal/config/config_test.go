@@ -1,10 +1,13 @@
 package config
 
 import (
+	"errors"
+	"flag"
 	"io"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -78,6 +81,86 @@ func TestParse(t *testing.T) {
 			}
 			if !reflect.DeepEqual(got, tt.want) {
 				t.Fatalf("got %+v\nwant %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestNegativeDurationsRejected(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		wantErr string // "" means accepted
+	}{
+		{name: "duration zero", args: []string{"--linger=0"}},
+		{name: "duration positive", args: []string{"--linger=2ms"}},
+		{name: "duration negative", args: []string{"--linger=-1s"}, wantErr: "-linger"},
+		{name: "duration negative from the environment", env: map[string]string{"KEYSTONE_FANOUT_LINGER": "-1s"}, wantErr: "KEYSTONE_FANOUT_LINGER"},
+		{name: "duration not a duration", args: []string{"--linger=soon"}, wantErr: "-linger"},
+		{name: "seconds as a number", args: []string{"--delay=2"}},
+		{name: "seconds as a duration", args: []string{"--delay=2s"}},
+		{name: "seconds negative number", args: []string{"--delay=-1"}, wantErr: "-delay"},
+		{name: "seconds negative duration", args: []string{"--delay=-1s"}, wantErr: "-delay"},
+		{name: "seconds negative from the environment", env: map[string]string{"KEYSTONE_FANOUT_DELAY": "-1s"}, wantErr: "KEYSTONE_FANOUT_DELAY"},
+		{name: "durations positive", args: []string{"--backoff=1s,30s"}},
+		{name: "durations one negative", args: []string{"--backoff=1s,-30s"}, wantErr: "-backoff"},
+		{name: "durations negative from the environment", env: map[string]string{"KEYSTONE_FANOUT_BACKOFF": "-1s"}, wantErr: "KEYSTONE_FANOUT_BACKOFF"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var linger, delay time.Duration
+			var backoff []time.Duration
+			s := New("test", "usage", io.Discard)
+			s.Duration(&linger, "linger", time.Millisecond, "linger")
+			s.Seconds(&delay, "delay", time.Second, "delay")
+			s.Durations(&backoff, "backoff", []time.Duration{time.Second}, "backoff")
+			err := s.Parse(tt.args, func(k string) string { return tt.env[k] })
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Fatalf("Parse: %v, want nil", err)
+			case tt.wantErr != "" && err == nil:
+				t.Fatalf("Parse: nil (linger %s, delay %s, backoff %v), want an error naming %q", linger, delay, backoff, tt.wantErr)
+			case tt.wantErr != "" && !strings.Contains(err.Error(), tt.wantErr):
+				t.Fatalf("Parse: %v, want an error naming %q", err, tt.wantErr)
+			}
+			if linger < 0 || delay < 0 || slices.ContainsFunc(backoff, func(d time.Duration) bool { return d < 0 }) {
+				t.Fatalf("a negative value was stored: linger %s, delay %s, backoff %v", linger, delay, backoff)
+			}
+		})
+	}
+}
+
+func TestUsageExampleNamesAFlagOfTheCommand(t *testing.T) {
+	tests := []struct {
+		name    string
+		flags   []string // in registration order
+		want    string
+		notWant string
+	}{
+		{"a daemon's first flag", []string{"http-addr", "amqp-url"}, "for example KEYSTONE_FANOUT_HTTP_ADDR", ""},
+		{"a command without --http-addr", []string{"nats-url", "json", "stream"}, "for example KEYSTONE_FANOUT_NATS_URL", "HTTP_ADDR"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out strings.Builder
+			s := New("test", "usage", &out)
+			for _, f := range tt.flags {
+				s.String(new(string), f, "", f)
+			}
+			var d time.Duration
+			s.Duration(&d, "some-timeout", time.Second, "a timeout")
+			if err := s.Parse([]string{"--help"}, func(string) string { return "" }); !errors.Is(err, flag.ErrHelp) {
+				t.Fatalf("Parse(--help) = %v, want flag.ErrHelp", err)
+			}
+			if !strings.Contains(out.String(), tt.want) {
+				t.Errorf("help lacks %q:\n%s", tt.want, out.String())
+			}
+			if tt.notWant != "" && strings.Contains(out.String(), tt.notWant) {
+				t.Errorf("help mentions %q, which the command does not have:\n%s", tt.notWant, out.String())
+			}
+			if !strings.Contains(out.String(), "--some-timeout duration") {
+				t.Errorf("help does not give the duration flag's type:\n%s", out.String())
 			}
 		})
 	}
