@@ -195,8 +195,10 @@ func TestEveryFixture(t *testing.T) {
 	if got := sum(br.b.m.widened); got != 0 {
 		t.Errorf("widened_total = %v, want 0: every fixture can be bounded", got)
 	}
-	if got := promtest.CollectAndCount(br.b.m.latency); got != 1 {
-		t.Errorf("latency histogram series = %d, want 1", got)
+	for _, from := range []string{latencyFromKeystone, latencyFromReceipt} {
+		if got := sum(br.b.m.latency.WithLabelValues(from).(prometheus.Histogram)); got != float64(len(want)) {
+			t.Errorf("latency_seconds{from=%q} samples = %v, want %d", from, got, len(want))
+		}
 	}
 	testutil.Eventually(t, 10*time.Second, "the queue to be empty", func() (bool, string) {
 		m, _ := r.queueDepth(r.queue)
@@ -569,5 +571,43 @@ func TestEnsureStream(t *testing.T) {
 	r3 := StreamConfig{Name: "R3_" + testutil.NameSuffix(), SubjectPrefix: "r3", Replicas: 3}
 	if err := EnsureStream(ctx, n.checkJ, r3); err == nil {
 		t.Fatal("EnsureStream with 3 replicas on one server = nil, want an error")
+	}
+}
+
+// TestQueueDropsNotificationsOlderThanItsTTL: while no bridge consumes (an
+// outage, a trial's queue left behind), the queue keeps a notification only
+// for QueueMessageTTL, after which it can no longer concern a cached entry.
+func TestQueueDropsNotificationsOlderThanItsTTL(t *testing.T) {
+	for _, tt := range []struct {
+		name, queueType string
+	}{
+		{"quorum queue", QueueQuorum},
+		{"classic queue", QueueClassic},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			r := newRig(t)
+			n := startNATS(t)
+			o := r.options()
+			o.QueueType = tt.queueType
+			o.QueueMessageTTL = time.Second
+			startBridge(t, o, n.nc).stop() // declares the queue, then goes away
+			msgs, _ := notifications(3)
+			r.publish(msgs...)
+			if m, c := r.queueDepth(r.queue); m != 3 || c != 0 {
+				t.Fatalf("queue after publishing with no bridge: %d messages, %d consumers; want 3 and 0", m, c)
+			}
+			testutil.Eventually(t, 15*time.Second, "the unconsumed notifications to expire", func() (bool, string) {
+				m, _ := r.queueDepth(r.queue)
+				return m == 0, fmt.Sprintf("%d messages", m)
+			})
+			// The TTL is the queue's own argument: a declaration with another is refused.
+			args := amqp.Table{"x-message-ttl": int64(2000)}
+			if tt.queueType == QueueQuorum {
+				args["x-queue-type"] = QueueQuorum
+			}
+			if _, err := r.channel().QueueDeclare(r.queue, true, false, false, false, args); !isPreconditionFailed(err) {
+				t.Errorf("declaring the queue with another x-message-ttl: %v, want PRECONDITION_FAILED", err)
+			}
+		})
 	}
 }

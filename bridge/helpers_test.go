@@ -361,7 +361,8 @@ func startBridge(t testing.TB, o Options, nc *nats.Conn) *running {
 	return &running{b: b, reg: reg, stop: stop}
 }
 
-// sum adds up every series of a metric (a vector's children).
+// sum adds up every series of a metric (a vector's children); a histogram
+// adds its sample count.
 func sum(c prometheus.Collector) float64 {
 	ch := make(chan prometheus.Metric, 64)
 	go func() { c.Collect(ch); close(ch) }()
@@ -376,6 +377,8 @@ func sum(c prometheus.Collector) float64 {
 			total += pb.Counter.GetValue()
 		case pb.Gauge != nil:
 			total += pb.Gauge.GetValue()
+		case pb.Histogram != nil:
+			total += float64(pb.Histogram.GetSampleCount())
 		}
 	}
 	return total

@@ -20,6 +20,12 @@ const (
 	widenOther       = "other"
 )
 
+// Starting points of latency_seconds: the "from" label values.
+const (
+	latencyFromKeystone = "keystone"
+	latencyFromReceipt  = "receipt"
+)
+
 // otherType is the filtered_total label of event types outside filteredTypes.
 const otherType = "other"
 
@@ -53,7 +59,7 @@ type metrics struct {
 	ackErrors     prometheus.Counter
 	reconnects    *prometheus.CounterVec
 	inFlight      prometheus.Gauge
-	latency       prometheus.Histogram
+	latency       *prometheus.HistogramVec
 
 	// The labelled counters of every label value, resolved once.
 	filteredBy sync.Map // label value -> prometheus.Counter, filled on first use
@@ -103,11 +109,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: MetricsPrefix + "in_flight",
 			Help: "JetStream publishes awaiting their PubAck.",
 		}),
-		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    MetricsPrefix + "latency_seconds",
-			Help:    "Time from Keystone's notification timestamp (or receipt, without one) to the PubAck of its event.",
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: MetricsPrefix + "latency_seconds",
+			Help: "Time to the PubAck of a published event, by starting point: from=\"keystone\" is Keystone's notification timestamp " +
+				"(the change itself; clock skew between Keystone and the bridge and notifications waiting in the queue show here), " +
+				"from=\"receipt\" is the bridge's receipt of the delivery (the bridge's own share, on its own clock).",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2.5, 14), // 1ms .. ~150s
-		}),
+		}, []string{"from"}),
 	}
 	for _, c := range []prometheus.Collector{m.received, m.published, m.duplicates, m.filtered, m.rejected,
 		m.widened, m.publishErrors, m.ackErrors, m.reconnects, m.inFlight, m.latency} {

@@ -25,6 +25,7 @@ const (
 	DefaultRoutingKey        = "notifications.info"
 	DefaultQueue             = "keystone-fanout"
 	DefaultQueueType         = QueueQuorum
+	DefaultQueueMessageTTL   = 6 * time.Minute
 	DefaultHeartbeat         = 10 * time.Second
 	DefaultPrefetch          = 256
 	DefaultConnectTimeout    = 15 * time.Second
@@ -69,6 +70,14 @@ type Options struct {
 	// broker node loss) or "classic". It only matters when the queue is
 	// created: an existing queue of the other type is used as it is (logged).
 	QueueType string
+	// QueueMessageTTL (--queue-message-ttl, default 6 min: keystonemiddleware's
+	// default token_cache_time of 300 s plus a minute) is the queue's
+	// x-message-ttl. A notification that waited longer, while no bridge
+	// consumed (an outage, a trial's queue left behind), can no longer concern
+	// any cached entry, and RabbitMQ drops it instead of keeping it forever.
+	// Set it to the largest token_cache_time of any region plus a minute. It
+	// only applies when the queue is created: see docs/OPERATIONS.md.
+	QueueMessageTTL time.Duration
 	// DeadLetterExchange (--dead-letter-exchange), when not empty, is set as
 	// the queue's x-dead-letter-exchange and rejected bodies (not a
 	// notification, too large) are nacked to it instead of acked. Create the
@@ -159,6 +168,9 @@ func (t TLSOptions) config() (*tls.Config, error) {
 		tlsconf.FlagNames{CA: "--amqp-tls-ca", Cert: "--amqp-tls-cert", Key: "--amqp-tls-key"})
 }
 
+// maxMessageTTL is the largest x-message-ttl RabbitMQ accepts (2^32-1 ms).
+const maxMessageTTL = (1<<32 - 1) * time.Millisecond
+
 // setDefaults fills zero fields.
 func (o *Options) setDefaults() {
 	if o.Exchange == "" {
@@ -172,6 +184,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.QueueType == "" {
 		o.QueueType = DefaultQueueType
+	}
+	if o.QueueMessageTTL == 0 {
+		o.QueueMessageTTL = DefaultQueueMessageTTL
 	}
 	if o.Heartbeat == 0 {
 		o.Heartbeat = DefaultHeartbeat
@@ -269,6 +284,10 @@ func (o *Options) Validate() error {
 	}
 	if o.QueueType != QueueQuorum && o.QueueType != QueueClassic {
 		return fmt.Errorf("--queue-type %q: must be %q or %q", o.QueueType, QueueQuorum, QueueClassic)
+	}
+	if o.QueueMessageTTL < time.Second || o.QueueMessageTTL > maxMessageTTL {
+		return fmt.Errorf("--queue-message-ttl %s: must be from 1s to %s (default %s: the services' token_cache_time plus a minute)",
+			o.QueueMessageTTL, maxMessageTTL, DefaultQueueMessageTTL)
 	}
 	if err := checkAMQPName("--dead-letter-exchange", o.DeadLetterExchange); err != nil {
 		return err

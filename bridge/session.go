@@ -202,7 +202,7 @@ func (b *Bridge) setup(conn *amqp.Connection) (*session, <-chan amqp.Delivery, e
 		return nil, nil, fmt.Errorf("declaring exchange %q: %w", b.o.Exchange, err)
 	}
 
-	args := amqp.Table{}
+	args := amqp.Table{"x-message-ttl": b.o.QueueMessageTTL.Milliseconds()}
 	if b.o.QueueType == QueueQuorum {
 		args["x-queue-type"] = QueueQuorum
 	}
@@ -211,9 +211,10 @@ func (b *Bridge) setup(conn *amqp.Connection) (*session, <-chan amqp.Delivery, e
 	}
 	_, err = ch.QueueDeclare(b.o.Queue, true, false, false, false, args)
 	if isPreconditionFailed(err) {
-		b.log.Error("queue exists with other settings than --queue-type/--dead-letter-exchange ask for; using it as it is. "+
-			"To change it, stop every bridge, move or drain its messages and delete it",
-			"queue", b.o.Queue, "queue_type", b.o.QueueType, "dead_letter_exchange", b.o.DeadLetterExchange, "err", err)
+		b.log.Error("queue exists with other settings than --queue-type/--queue-message-ttl/--dead-letter-exchange ask for; using it as it is. "+
+			"To change it, stop every bridge, move or drain its messages and delete it (docs/OPERATIONS.md)",
+			"queue", b.o.Queue, "queue_type", b.o.QueueType, "queue_message_ttl", b.o.QueueMessageTTL.String(),
+			"dead_letter_exchange", b.o.DeadLetterExchange, "err", err)
 		if ch, err = conn.Channel(); err != nil {
 			return nil, nil, fmt.Errorf("opening a channel: %w", err)
 		}
@@ -322,6 +323,7 @@ func (b *Bridge) handle(ctx context.Context, s *session, d *amqp.Delivery) bool 
 		return false
 	}
 	b.m.received.Inc()
+	received := time.Now()
 	if len(d.Body) > b.o.MaxBodySize {
 		b.reject(s, d, &event.RejectError{Reason: event.ReasonTooLarge,
 			Err: fmt.Errorf("body of %d bytes exceeds --max-body-size %d", len(d.Body), b.o.MaxBodySize)})
@@ -388,7 +390,7 @@ func (b *Bridge) handle(ctx context.Context, s *session, d *amqp.Delivery) bool 
 	}
 	// The acker learns of the publish before its reply can come.
 	b.m.inFlight.Inc()
-	s.pending <- inflight{tag: d.DeliveryTag, how: settlePublished, id: ev.ID, typ: ev.Type, since: ev.Time}
+	s.pending <- inflight{tag: d.DeliveryTag, how: settlePublished, id: ev.ID, typ: ev.Type, since: ev.Time, recv: received}
 	if err := b.nc.PublishMsg(msg); err != nil {
 		b.m.publishErrors.Inc()
 		b.publishFailed(err, ev.ID, ev.Type)

@@ -39,6 +39,7 @@ type inflight struct {
 	id    string    // message id, for logs
 	typ   string    // event type, for logs
 	since time.Time // the event's time, for the latency histogram
+	recv  time.Time // when the bridge received the delivery, likewise
 }
 
 // flushEvery is the fraction of the prefetch count that the acker acks as
@@ -181,9 +182,9 @@ type ackChannel interface {
 
 // publication is a published event awaiting its reply.
 type publication struct {
-	id, typ  string
-	since    time.Time
-	deadline time.Time
+	id, typ     string
+	since, recv time.Time
+	deadline    time.Time
 }
 
 // acks is the acker's state. Delivery tags are per channel, consecutive from
@@ -223,7 +224,7 @@ func (a *acks) take(it inflight, ok bool) {
 	}
 	switch it.how {
 	case settlePublished:
-		a.published[it.tag] = publication{id: it.id, typ: it.typ, since: it.since,
+		a.published[it.tag] = publication{id: it.id, typ: it.typ, since: it.since, recv: it.recv,
 			deadline: time.Now().Add(a.b.o.PubAckTimeout)}
 		a.order = append(a.order, it.tag)
 	case settlePublishFailed:
@@ -303,9 +304,11 @@ func (a *acks) settle(tag uint64, p publication, duplicate bool, err error) {
 	}
 	if duplicate {
 		m.duplicates.Inc()
+		a.b.log.Debug("notification already in the stream, dropped as a duplicate", "message_id", p.id, "event_type", p.typ)
 	} else {
 		m.published.Inc()
-		m.latency.Observe(time.Since(p.since).Seconds())
+		m.latency.WithLabelValues(latencyFromKeystone).Observe(time.Since(p.since).Seconds())
+		m.latency.WithLabelValues(latencyFromReceipt).Observe(time.Since(p.recv).Seconds())
 	}
 	a.b.gate.success()
 	a.b.streamReachable()

@@ -94,6 +94,11 @@ type Agent struct {
 	bound   atomic.Bool
 	skew    atomic.Int64 // NATS server clock minus ours, nanoseconds
 
+	// streamSeen is set once the stream was found: before that a missing
+	// stream is the expected first start before the bridge's (logged at
+	// Info), after it a stream that disappeared (Warn).
+	streamSeen atomic.Bool
+
 	// life ends when Run's context does; background checks of skipped
 	// sequences (see skipped.go) run under it, one at a time (checkMu), and
 	// Run waits for them (checks).
@@ -114,7 +119,10 @@ type item struct {
 	msg      jetstream.Msg
 	gen, seq uint64
 	ev       event.Event
-	gap      bool
+	// stored is when the stream stored the event: just after the bridge
+	// received it, on the NATS server's clock.
+	stored time.Time
+	gap    bool
 	// first is true for the first delivery of an event.
 	first bool
 	// due is when the second pass may run; secondFails counts its failures.
@@ -317,7 +325,11 @@ func (a *Agent) consume(ctx context.Context) error {
 			a.mu.Lock()
 			a.lastBindErr = err
 			a.mu.Unlock()
-			a.log.Warn("consumer unavailable, retrying", "err", err, "retry_in", delay)
+			level := slog.LevelWarn
+			if errors.Is(err, errNoStream) && !a.streamSeen.Load() {
+				level = slog.LevelInfo // a first start before the bridge's: expected
+			}
+			a.log.Log(ctx, level, "consumer unavailable, retrying", "err", err, "retry_in", delay)
 		}
 		if !backoff.Sleep(ctx, delay) {
 			return nil
@@ -340,16 +352,20 @@ func (a *Agent) consumerConfig(start time.Time) jetstream.ConsumerConfig {
 	}
 }
 
+// errNoStream is bind's error while the stream does not exist.
+var errNoStream = errors.New("the bridge creates it (check --stream and that a bridge ran)")
+
 // bind finds or creates the consumer, brings its settings in line with the
 // options and checks for a gap.
 func (a *Agent) bind(ctx context.Context) (jetstream.Consumer, error) {
 	s, err := a.js.Stream(ctx, a.o.Stream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		return nil, fmt.Errorf("stream %s does not exist: the bridge creates it (check --stream and that a bridge ran)", a.o.Stream)
+		return nil, fmt.Errorf("stream %s does not exist: %w", a.o.Stream, errNoStream)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("stream %s: %w", a.o.Stream, err)
 	}
+	a.streamSeen.Store(true)
 	a.noteServerTime(s.CachedInfo().TimeStamp)
 	cons, err := s.Consumer(ctx, a.o.Region)
 	created := false
@@ -646,7 +662,7 @@ func (a *Agent) receive(ctx context.Context, msg jetstream.Msg) {
 			"skipped_from", skipped.lo, "skipped_to", skipped.hi, "next_seq", seq)
 		a.checkSkipped(gen, skipped, md.Timestamp)
 	}
-	a.enqueue(ctx, &item{msg: msg, gen: gen, seq: seq, ev: ev, first: !redelivery})
+	a.enqueue(ctx, &item{msg: msg, gen: gen, seq: seq, ev: ev, stored: md.Timestamp, first: !redelivery})
 }
 
 // enqueue hands an item to the worker. Items not taken when ctx ends stay in

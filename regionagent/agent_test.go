@@ -3,6 +3,7 @@ package regionagent
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
@@ -824,5 +826,46 @@ func TestReadCheckpoints(t *testing.T) {
 		}
 		cp, ok := got[testRegion]
 		return ok && cp.Seq == seqs[1] && cp.Stream == testStream && !cp.StreamCreated.IsZero(), fmt.Sprintf("%+v", got)
+	})
+}
+
+// lockedBuffer is a log destination that the agent's goroutines may share.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestWidenedEventLogsItsReason: `keystone-fanout sweep --reason` promises that
+// every agent logs the operator's reason when it removes every token entry.
+func TestWidenedEventLogsItsReason(t *testing.T) {
+	env := newEnv(t)
+	var logs lockedBuffer
+	a, err := New(testOptions(), env.nc, &fakeInvalidator{}, prometheus.NewRegistry(), slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	ev := event.Event{Version: event.SchemaVersion, Kind: event.KindNotification, ID: "sweep-1",
+		Type: "keystone-fanout.sweep", Time: time.Now().UTC(), Widen: "operator: identity provider acme deleted"}
+	seqs := env.publish(ev)
+	env.waitAcked(seqs[0], 10*time.Second)
+	testutil.Eventually(t, 5*time.Second, "the operator's reason in the agent's log", func() (bool, string) {
+		s := logs.String()
+		return strings.Contains(s, `reason="operator: identity provider acme deleted"`) && strings.Contains(s, "event_id=sweep-1"), s
 	})
 }

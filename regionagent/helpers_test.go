@@ -258,7 +258,7 @@ func testOptions() Options {
 		Region:            testRegion,
 		Stream:            testStream,
 		BatchLinger:       20 * time.Millisecond,
-		SecondPassDelay:   -1,
+		noSecondPass:      true,
 		RetryMin:          20 * time.Millisecond,
 		RetryMax:          200 * time.Millisecond,
 		RedeliveryBackoff: []time.Duration{time.Second, 2 * time.Second},

@@ -59,7 +59,7 @@ type metrics struct {
 	flushes          prometheus.Counter
 	gaps             *prometheus.CounterVec
 	secondRemovals   prometheus.Counter
-	latency          prometheus.Histogram
+	latency          *prometheus.HistogramVec
 	invalidations    *prometheus.CounterVec
 	failures         *prometheus.CounterVec
 	callDuration     *prometheus.HistogramVec
@@ -77,6 +77,12 @@ type metrics struct {
 	skippedFetched   prometheus.Counter
 	resets           prometheus.Counter
 }
+
+// Starting points of invalidation_latency_seconds: the "from" label values.
+const (
+	latencyFromKeystone = "keystone"
+	latencyFromStream   = "stream"
+)
 
 // Consumer error reasons: the consumer_errors_total label values.
 const (
@@ -126,11 +132,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: metricPrefix + "second_pass_removals_total",
 			Help: "Token cache entries removed by calls of second passes alone: stale entries written back by validations in flight during the first pass. Second passes merged into a call with first passes (pass=\"merged\") are not counted, as their removals cannot be told apart from the first passes': a lower bound.",
 		}),
-		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    metricPrefix + "invalidation_latency_seconds",
-			Help:    "From Keystone's change (the event's time) to the end of its first invalidation pass, for first deliveries.",
-			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300},
-		}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: metricPrefix + "invalidation_latency_seconds",
+			Help: "To the end of an event's first invalidation pass (first deliveries), by starting point: from=\"keystone\" is Keystone's " +
+				"timestamp of the change (clock skew between Keystone and this host and replays after a restart show here), " +
+				"from=\"stream\" is when the stream stored the event, just after the bridge received it (the NATS server's clock).",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300},
+		}, []string{"from"}),
 		invalidations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricPrefix + "invalidations_total",
 			Help: "Invalidation calls (one crawl of every memcached server), by pass: first (new events only), second (second passes only), merged (new events and due second passes in one call).",

@@ -135,7 +135,7 @@ func (w *worker) firstPass(now time.Time) {
 	if len(seconds) > 0 {
 		pass = passMerged
 	}
-	_, err := a.invalidate(w.hard, pass, append(batch, seconds...))
+	res, err := a.invalidate(w.hard, pass, append(batch, seconds...))
 	end := time.Now()
 	if err != nil {
 		w.firstFails++
@@ -161,10 +161,23 @@ func (w *worker) firstPass(now time.Time) {
 		}
 	}
 	for _, it := range batch {
-		if it.first && !it.gap && !it.ev.Time.IsZero() {
-			a.m.latency.Observe(end.Sub(it.ev.Time).Seconds())
+		if it.first && !it.gap {
+			if !it.ev.Time.IsZero() {
+				a.m.latency.WithLabelValues(latencyFromKeystone).Observe(end.Sub(it.ev.Time).Seconds())
+			}
+			if !it.stored.IsZero() {
+				a.m.latency.WithLabelValues(latencyFromStream).Observe(end.Sub(it.stored).Seconds())
+			}
 		}
-		if a.o.SecondPassDelay < 0 {
+		if !it.gap && it.ev.Widen != "" {
+			// An operator's sweep (`keystone-fanout sweep --reason`) or
+			// another event that cannot be bounded: say why the region's
+			// services now re-validate every token.
+			a.log.Info("removed every token entry of the region", "reason", it.ev.Widen,
+				"event_id", it.ev.ID, "event_type", it.ev.Type, "stream_seq", it.seq,
+				"entries_removed_by_batch", res.Removed, "batch_events", n)
+		}
+		if a.o.noSecondPass {
 			a.finish(it)
 			continue
 		}
