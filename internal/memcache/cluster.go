@@ -3,6 +3,7 @@ package memcache
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 
 	"github.com/hashicorp/go-multierror"
@@ -75,7 +76,25 @@ func (c *Cluster) Each(ctx context.Context, fn func(ctx context.Context, s *Serv
 			merr = multierror.Append(merr, err)
 		}
 	}
+	if merr != nil {
+		merr.ErrorFormat = OneLine
+	}
 	return merr.ErrorOrNil()
+}
+
+// OneLine is the ErrorFormat of the *multierror.Error values of this package
+// and its callers: the errors joined with "; " on one line (multierror's
+// default puts "N errors occurred:" and one "\t* " line per error, which a
+// log record would carry as embedded newlines).
+func OneLine(errs []error) string {
+	if len(errs) == 1 {
+		return errs[0].Error()
+	}
+	parts := make([]string, len(errs))
+	for i, err := range errs {
+		parts[i] = err.Error()
+	}
+	return fmt.Sprintf("%d errors: %s", len(errs), strings.Join(parts, "; "))
 }
 
 // Ping checks every server with "version". The error names each server that

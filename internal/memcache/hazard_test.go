@@ -13,11 +13,11 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 )
 
-// TestCrawlModesWithConcurrentReaders measures the crawl hazard of
-// KEYSTONE.md §5: entries written by keystonemiddleware, aged until memcached
-// moved them out of its HOT LRU, a third of them read in a loop by 4
-// concurrent readers while the server is crawled with "metadump all" and with
-// "metadump hash". The hash walk must list every entry in every round; the
+// TestCrawlModesWithConcurrentReaders measures the crawl hazard
+// (docs/INVALIDATION.md, "Finding every entry"): entries written by
+// keystonemiddleware, aged until memcached moved them out of its HOT LRU, a
+// third of them read in a loop by 4 concurrent readers while the server is
+// crawled with "metadump all" and with "metadump hash". The hash walk must list every entry in every round; the
 // LRU walk's misses are logged (the numbers in the package documentation).
 func TestCrawlModesWithConcurrentReaders(t *testing.T) {
 	const rounds, perRound = 30, 300

@@ -65,7 +65,8 @@
 //  4. Matching entries are deleted, pipelined (100 per round trip).
 //  5. Remembered entries that the crawl did not list are fetched directly
 //     (deleted directly for a sweep): one that still exists is the crawl
-//     hazard of KEYSTONE.md §5, caught and counted (Counts.Hidden,
+//     hazard (docs/INVALIDATION.md, "Finding every entry"), caught and
+//     counted (Counts.Hidden,
 //     keystone_fanout_invalidator_crawl_hidden_entries_total); one that is
 //     gone is forgotten.
 //

@@ -357,6 +357,9 @@ func (inv *Invalidator) passServers(ctx context.Context, b *matcher, res Result,
 	}
 	res.Servers = results
 	res.Duration = time.Since(start)
+	if merr != nil {
+		merr.ErrorFormat = memcache.OneLine
+	}
 	err := merr.ErrorOrNil()
 	if b != nil {
 		result := "ok"

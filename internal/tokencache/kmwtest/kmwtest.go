@@ -1,8 +1,9 @@
 // Package kmwtest writes and reads token cache entries exactly as
 // keystonemiddleware 10.1 does, by running its own TokenCache /
-// SecureTokenCache classes under Debian's /usr/bin/python3 (KEYSTONE.md §4),
-// and generates realistic Keystone token bodies. It also has a fast Go writer
-// of the strategy-None format for benchmarks (WriteNone), checked against the
+// SecureTokenCache classes under Debian's /usr/bin/python3 (the formats:
+// docs/INVALIDATION.md, "What keystonemiddleware stores"), and generates
+// realistic Keystone token bodies. It also has a fast Go writer of the
+// strategy-None format for benchmarks (WriteNone), checked against the
 // middleware by this package's tests.
 //
 // A missing interpreter or missing Debian packages fail the test; nothing is
