@@ -106,6 +106,9 @@ type Agent struct {
 	checks  sync.WaitGroup
 	checkMu sync.Mutex
 
+	// poller is the revocation poller's lease as last seen (nil: none).
+	poller atomic.Pointer[pollerState]
+
 	mu             sync.Mutex
 	cancelBinding  context.CancelFunc
 	lastBindErr    error
@@ -174,6 +177,18 @@ func New(o Options, nc *nats.Conn, inv Invalidator, reg prometheus.Registerer, l
 		in:  make(chan *item, 2*o.MaxAckPending+64),
 	}
 	a.held.items = map[*item]struct{}{}
+	live := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: metricPrefix + "revocation_poller_live",
+		Help: "1 while a healthy revocation poller holds its lease (CADF group membership notifications then wait for its revocation events instead of removing every token entry), else 0.",
+	}, func() float64 {
+		if a.pollerLive() {
+			return 1
+		}
+		return 0
+	})
+	if err := reg.Register(live); err != nil {
+		return nil, fmt.Errorf("regionagent: registering metrics: %w", err)
+	}
 	return a, nil
 }
 
@@ -200,10 +215,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		defer close(workerDone)
 		a.work(runCtx, hard)
 	}()
-	wg.Add(2)
+	wg.Add(3)
 	go func() {
 		defer wg.Done()
 		a.keepalive(runCtx)
+	}()
+	go func() {
+		defer wg.Done()
+		a.watchPoller(runCtx)
 	}()
 	go func() {
 		defer wg.Done()

@@ -60,6 +60,8 @@ type metrics struct {
 	gaps             *prometheus.CounterVec
 	secondRemovals   prometheus.Counter
 	latency          *prometheus.HistogramVec
+	resolutions      *prometheus.CounterVec
+	resolveWait      prometheus.Histogram
 	invalidations    *prometheus.CounterVec
 	failures         *prometheus.CounterVec
 	callDuration     *prometheus.HistogramVec
@@ -131,6 +133,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		secondRemovals: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: metricPrefix + "second_pass_removals_total",
 			Help: "Token cache entries removed by calls of second passes alone: stale entries written back by validations in flight during the first pass. Second passes merged into a call with first passes (pass=\"merged\") are not counted, as their removals cannot be told apart from the first passes': a lower bound.",
+		}),
+		resolutions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricPrefix + "resolutions_total",
+			Help: "Notifications that do not bound their own effect (CADF group membership changes), by result: resolved (the revocation poller's events covered it; nothing removed for it), source_off (no live, healthy poller: every token entry removed), timeout (no proof within --resolve-wait: every token entry removed).",
+		}, []string{"result"}),
+		resolveWait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    metricPrefix + "resolve_wait_seconds",
+			Help:    "From a resolved notification's storing in the stream to the poller's proof reaching the agent.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
 		}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: metricPrefix + "invalidation_latency_seconds",
@@ -207,7 +218,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 	}
 	for _, c := range []prometheus.Collector{m.events, m.undecodable, m.redeliveries, m.removed, m.kept,
-		m.sweeps, m.flushes, m.gaps, m.secondRemovals, m.latency, m.invalidations, m.failures,
+		m.sweeps, m.flushes, m.gaps, m.secondRemovals, m.latency, m.resolutions, m.resolveWait, m.invalidations, m.failures,
 		m.callDuration, m.batchSize, m.pending, m.ackPending, m.held, m.bound, m.consumerErrors,
 		m.recreations, m.ackFailures, m.checkpointErrors, m.checkpointSeq, m.panics, m.skippedFetched, m.resets} {
 		if err := reg.Register(c); err != nil {
@@ -220,6 +231,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	for _, r := range gapReasons {
 		m.gaps.WithLabelValues(r)
+	}
+	for _, r := range resolveResults {
+		m.resolutions.WithLabelValues(r)
 	}
 	for _, p := range passes {
 		m.invalidations.WithLabelValues(p)

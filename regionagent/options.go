@@ -24,6 +24,10 @@ const (
 	DefaultCheckpointBucket  = "keystone-fanout-agents"
 	DefaultShutdownTimeout   = 10 * time.Second
 	DefaultReadyTimeout      = 2 * time.Second
+	DefaultResolveWait       = 2 * time.Second
+	// DefaultPollerBucket is the revocation poller's bucket
+	// (revoke.DefaultBucket), where it holds its lease.
+	DefaultPollerBucket = "keystone-fanout-revoke"
 )
 
 // DefaultRedeliveryBackoff is the consumer's BackOff when Options.RedeliveryBackoff
@@ -181,6 +185,20 @@ type Options struct {
 	// (file storage, one replica, history 1) when missing; when it cannot
 	// read or write it, it logs, counts checkpoint_errors_total and goes on.
 	CheckpointBucket string
+	// ResolveWait (--resolve-wait, default 2 s) bounds how long a notification
+	// that does not bound its own effect (a CADF group membership change, see
+	// event.ResolvedByRevocations) waits for the revocation poller's proof that
+	// it polled Keystone after it. The revocation events Keystone recorded for
+	// it, if any, then remove exactly what they name, and the notification
+	// removes nothing. Without a live, healthy poller (its lease in
+	// PollerBucket), or when the proof does not come within ResolveWait, the
+	// notification removes every token entry, as it would without a poller.
+	ResolveWait time.Duration
+	// PollerBucket (--poller-bucket, default "keystone-fanout-revoke") is the
+	// revocation poller's key-value bucket, where its lease says whether it
+	// runs.
+	PollerBucket string
+
 	// NoCheckpoint (--no-checkpoint) disables the checkpoint. Events purged
 	// from the stream while the agent was stopped then go unnoticed, because a
 	// purge also advances the consumer's own acknowledgement floor.
@@ -257,6 +275,12 @@ func (o *Options) setDefaults() {
 	if o.ReadyTimeout == 0 {
 		o.ReadyTimeout = DefaultReadyTimeout
 	}
+	if o.ResolveWait == 0 {
+		o.ResolveWait = DefaultResolveWait
+	}
+	if o.PollerBucket == "" {
+		o.PollerBucket = DefaultPollerBucket
+	}
 }
 
 var (
@@ -320,6 +344,12 @@ func (o *Options) Validate() error {
 	}
 	if o.Heartbeat < 500*time.Millisecond || o.Heartbeat > 30*time.Second {
 		add("--consumer-heartbeat %s: must be from 500ms to 30s (default %s)", o.Heartbeat, DefaultHeartbeat)
+	}
+	if o.ResolveWait < 0 || o.ResolveWait > time.Minute {
+		add("--resolve-wait %s: must be from 0 (the default, %s) to 1m", o.ResolveWait, DefaultResolveWait)
+	}
+	if !bucketPattern.MatchString(o.PollerBucket) {
+		add("--poller-bucket %q: a key-value bucket name is made of A-Z, a-z, 0-9, '_' and '-' (default %s)", o.PollerBucket, DefaultPollerBucket)
 	}
 	if !o.NoCheckpoint && !bucketPattern.MatchString(o.CheckpointBucket) {
 		add("--checkpoint-bucket %q: a key-value bucket name is made of A-Z, a-z, 0-9, '_' and '-' (default %s)", o.CheckpointBucket, DefaultCheckpointBucket)

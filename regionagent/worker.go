@@ -34,6 +34,8 @@ type worker struct {
 	// when new events are ready too, so that a steady flow of new events
 	// cannot starve the second passes (and the acks).
 	secondOwed bool
+	// res holds the notifications waiting for the revocation poller.
+	res resolver
 }
 
 // work runs until ctx ends. Invalidation calls use hard, which outlives ctx
@@ -56,6 +58,7 @@ func (a *Agent) work(ctx, hard context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		resolveDue := w.expireWaiting(now)
 		firstReady := len(w.first) > 0 && !now.Before(w.firstDue)
 		secondDue, secondAny := w.earliestSecond()
 		secondReady := secondAny && !now.Before(secondDue)
@@ -75,6 +78,9 @@ func (a *Agent) work(ctx, hard context.Context) {
 		if secondAny {
 			wait = min(wait, secondDue.Sub(now))
 		}
+		if !resolveDue.IsZero() {
+			wait = min(wait, resolveDue.Sub(now))
+		}
 		timer.Reset(wait)
 		select {
 		case it := <-a.in:
@@ -87,7 +93,17 @@ func (a *Agent) work(ctx, hard context.Context) {
 	}
 }
 
+// add takes a new item: a proof of the poller's progress or a notification
+// waiting for one (see resolve.go), else an event for the next first pass.
 func (w *worker) add(it *item, now time.Time) {
+	if w.take(it, now) {
+		return
+	}
+	w.enqueueFirst(it, now)
+}
+
+// enqueueFirst queues it for the next first pass.
+func (w *worker) enqueueFirst(it *item, now time.Time) {
 	if len(w.first) == 0 && w.firstFails == 0 {
 		w.firstDue = now.Add(max(w.a.o.BatchLinger, 0))
 	}

@@ -122,7 +122,8 @@ func (f *bridgeFlags) register(s *config.Set) {
 	s.String(&r.AppCredID, "keystone-app-cred-id", "", "application credential id, instead of a user and password")
 	s.String(&r.AppCredSecretFile, "keystone-app-cred-secret-file", "", "file holding the application credential's secret")
 	s.String(&r.CAFile, "keystone-ca-file", "", "PEM CA bundle that Keystone's certificate is checked against")
-	s.Duration(&f.revokeInterval, "revocation-poll-interval", revoke.DefaultPollInterval, "time between two polls of Keystone's revocation events")
+	s.Duration(&f.revokeInterval, "revocation-poll-interval", revoke.DefaultPollInterval, "time between two polls of Keystone's revocation events (notifications also make the poller poll at once)")
+	s.Duration(&r.LeaseTTL, "revocation-lease-ttl", revoke.DefaultLeaseTTL, "one bridge replica polls at a time: how long its lease lasts without renewal before another takes over")
 }
 
 // finish applies what needs more than one flag, after parsing.

@@ -45,6 +45,7 @@ func (o *BridgeOptions) Validate() error {
 	errs = append(errs, validateNATS(o.NATS, o.Embedded))
 	if o.Revoke != nil {
 		o.Revoke.SubjectPrefix = o.Bridge.Stream.SubjectPrefix
+		o.Revoke.Stream = o.Bridge.Stream.Name
 		errs = append(errs, o.Revoke.Validate())
 	}
 	return errors.Join(errs...)

@@ -30,7 +30,16 @@ const (
 	// KindRevocation is a revocation event listed by Keystone's
 	// GET /v3/OS-REVOKE/events.
 	KindRevocation Kind = "revocation"
+	// KindPolled is the revocation poller's proof that it listed Keystone's
+	// revocation events after the notifications up to a stream sequence were
+	// in the stream (Polled), and published what it found before it. It
+	// changes no cache entry; see docs/REVOCATION.md, "Resolving
+	// notifications".
+	KindPolled Kind = "polled"
 )
+
+// PolledType is the Type of a KindPolled event.
+const PolledType = "revocation.polled"
 
 // Event is one token-affecting change in Keystone, normalised.
 //
@@ -76,6 +85,16 @@ type Event struct {
 
 	// Revocation is set for KindRevocation.
 	Revocation *Revocation `json:"revocation,omitempty"`
+
+	// Polled is set for KindPolled.
+	Polled *Polled `json:"polled,omitempty"`
+}
+
+// Polled says that a poll of Keystone's revocation events started after every
+// notification up to stream sequence Through was stored in the stream, and
+// that every event that poll listed was stored before this one.
+type Polled struct {
+	Through uint64 `json:"through"`
 }
 
 // Actor is the subject of a group membership change.
@@ -115,8 +134,11 @@ func (r *Revocation) Digest() string {
 // "<prefix>.notification.<event_type>" or "<prefix>.revocation". Characters
 // that NATS does not allow in a subject token are replaced by '_'.
 func (e *Event) Subject(prefix string) string {
-	if e.Kind == KindRevocation {
+	switch e.Kind {
+	case KindRevocation:
 		return prefix + ".revocation"
+	case KindPolled:
+		return prefix + ".polled"
 	}
 	t := strings.Map(func(r rune) rune {
 		switch r {
@@ -143,8 +165,22 @@ func (e *Event) Unbounded() bool {
 		return !slices.Contains(knownTypes, e.Type)
 	case KindRevocation:
 		return e.Revocation == nil
+	case KindPolled:
+		return e.Polled == nil
 	}
 	return true
+}
+
+// ResolvedByRevocations reports whether e is a notification whose effect on
+// tokens, if any, Keystone records as revocation events, while e itself cannot
+// bound it: a group membership change that does not name the user (CADF; a
+// rename looks the same). Keystone records a user_id revocation event for a
+// removal, before it sends the notification, and none for an addition or a
+// rename, which revoke nothing. An agent that knows the revocation poller has
+// polled past e can rely on those events instead of removing every token.
+func (e *Event) ResolvedByRevocations() bool {
+	return e.Kind == KindNotification && e.Widen == "" && e.Version <= SchemaVersion &&
+		e.Type == "identity.group.updated" && e.Actor == nil
 }
 
 // Unmarshal decodes a JetStream message body written by Marshal. An error means

@@ -91,6 +91,11 @@ func (e *Event) AppendJSON(b []byte) ([]byte, error) {
 		}
 		b = append(b, '}')
 	}
+	if p := e.Polled; p != nil {
+		b = append(b, `,"polled":{"through":`...)
+		b = strconv.AppendUint(b, p.Through, 10)
+		b = append(b, '}')
+	}
 	return append(b, '}'), nil
 }
 

@@ -97,6 +97,8 @@ func TestMarshalMatchesEncodingJSON(t *testing.T) {
 		{"zone -100h", Event{Time: at.In(time.FixedZone("z", -100*3600))}},
 		{"bad expires_at", Event{Revocation: &Revocation{ExpiresAt: new(time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC))}}},
 		{"bad revoked_at", Event{Revocation: &Revocation{RevokedAt: time.Date(-5, 1, 1, 0, 0, 0, 0, time.UTC)}}},
+		{"polled", Event{Version: 1, Kind: KindPolled, ID: "polled-x-9", Type: PolledType, Time: at, Polled: &Polled{Through: 18446744073709551615}}},
+		{"empty polled", Event{Polled: &Polled{}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { sameMarshal(t, &tt.e) })

@@ -297,3 +297,26 @@ func (k *Keystone) RevocationEvents(ctx context.Context) ([]map[string]any, erro
 // UniqueName returns prefix followed by a random suffix, for users, projects
 // and groups of one test in a Keystone shared by several.
 func UniqueName(prefix string) string { return prefix + "-" + randomHex(5) }
+
+// Admin sends one request as the admin user (see Request), getting a new admin
+// token once when Keystone answers 401.
+func (k *Keystone) Admin(ctx context.Context, method, path string, in, out any) error {
+	_, err := k.admin(ctx, method, path, nil, in, out)
+	return err
+}
+
+// Authenticate posts auth ({"identity": ..., "scope": ...}) to /auth/tokens and
+// returns the token and the answer's body: for trust-scoped or application
+// credential tokens, which IssueToken does not make.
+func (k *Keystone) Authenticate(ctx context.Context, auth map[string]any) (string, []byte, error) {
+	var body []byte
+	h, err := k.Request(ctx, http.MethodPost, "/auth/tokens", "", nil, map[string]any{"auth": auth}, &body)
+	if err != nil {
+		return "", nil, err
+	}
+	tok := h.Get("X-Subject-Token")
+	if tok == "" {
+		return "", nil, fmt.Errorf("keystonetest: POST /auth/tokens: no X-Subject-Token in the answer")
+	}
+	return tok, body, nil
+}

@@ -25,7 +25,7 @@ import (
 //
 //	go test -run '^$' -bench RevokeToPubAck -benchtime 20x ./internal/revoke/
 func BenchmarkRevokeToPubAck(b *testing.B) {
-	for _, interval := range []time.Duration{time.Second, 200 * time.Millisecond} {
+	for _, interval := range []time.Duration{DefaultPollInterval, time.Second} {
 		b.Run("interval="+interval.String(), func(b *testing.B) {
 			ctx := context.Background()
 			js := startJetStream(b, 2*time.Minute)
@@ -111,7 +111,7 @@ func BenchmarkRevokeToPubAck(b *testing.B) {
 }
 
 // BenchmarkPollerLoad measures what a poller costs Keystone: it runs one
-// poller with the default 1 s interval for 30 s (b.N is ignored: use
+// poller with the default interval for 30 s (b.N is ignored: use
 // -benchtime 1x) and reports the requests per second Keystone logged from it
 // and the CPU time Keystone's uwsgi spent per second meanwhile, and per poll:
 // once against the shared Keystone with its in-memory cache (as production
@@ -129,7 +129,7 @@ func pollerLoad(b *testing.B, k *keystonetest.Keystone) {
 	const window = 30 * time.Second
 	js := startJetStream(b, 2*time.Minute)
 	o := keystoneOptionsFor(b, k)
-	o.PollInterval = time.Second
+	o.PollInterval = DefaultPollInterval
 	p, reg := newKeystonePoller(b, o, js)
 	// Let the first polls (and the publication of all existing events) pass.
 	stop := runPoller(b, p)

@@ -12,7 +12,7 @@ import (
 // Defaults of Options.
 const (
 	DefaultDomain         = "Default"
-	DefaultPollInterval   = time.Second
+	DefaultPollInterval   = 250 * time.Millisecond
 	DefaultOverlap        = 30 * time.Second
 	DefaultRequestTimeout = 10 * time.Second
 	DefaultMaxBackoff     = 30 * time.Second
@@ -20,6 +20,10 @@ const (
 	DefaultBucket         = "keystone-fanout-revoke"
 	DefaultKey            = "position"
 	DefaultReauthBefore   = 5 * time.Minute
+	DefaultStream         = "KEYSTONE"
+	DefaultLeaseTTL       = 2 * time.Second
+	// MinLeaseTTL is the shortest lease TTL Validate accepts.
+	MinLeaseTTL = 500 * time.Millisecond
 	// MinPollInterval is the shortest poll interval Validate accepts.
 	MinPollInterval = 100 * time.Millisecond
 	// MinOverlap is the shortest overlap Validate accepts.
@@ -67,8 +71,11 @@ type Options struct {
 	// certificate is checked against, instead of the system's. Only with https.
 	CAFile string
 
-	// PollInterval (--revocation-poll-interval) is the time between two
-	// successful polls. Default 1 s, at least 100 ms.
+	// PollInterval (--revocation-poll-interval) is the time from the start of
+	// one successful poll to the next. Default 250 ms (a change Keystone
+	// announces nowhere, such as DELETE /v3/auth/tokens, waits half of it on
+	// average; one poll costs Keystone about 10 ms of CPU with its cache on,
+	// and only the lease holder polls), at least 100 ms.
 	PollInterval time.Duration
 	// Overlap is how far before the newest revoked_at already published each
 	// poll asks again ("since" = position - Overlap). Keystone stores revoked_at
@@ -99,6 +106,22 @@ type Options struct {
 	Bucket         string
 	Key            string
 	BucketReplicas int
+
+	// Stream is the stream the events go to (--stream, default "KEYSTONE").
+	// The lease holder also follows its notifications: each one makes it poll
+	// at once (see FollowUps) and then publish an event.KindPolled event.
+	Stream string
+	// LeaseTTL (--revocation-lease-ttl, default 2 s) is how long the lease
+	// holder may go without renewing before another replica takes over; a
+	// holder that stops cleanly hands over at once. At least 500 ms.
+	LeaseTTL time.Duration
+	// Holder names this replica in the lease. Default: host name and pid.
+	Holder string
+	// FollowUps are the extra polls after a notification, counted from the
+	// poll it caused, for revocation events Keystone records just after it
+	// sends the notification. Default 100 ms, 300 ms and 1 s; empty non-nil:
+	// none.
+	FollowUps []time.Duration
 
 	// Now returns the current time; tests replace it. Default time.Now.
 	Now func() time.Time
@@ -137,6 +160,19 @@ func (o *Options) setDefaults() {
 	}
 	if o.BucketReplicas == 0 {
 		o.BucketReplicas = 1
+	}
+	if o.Stream == "" {
+		o.Stream = DefaultStream
+	}
+	if o.LeaseTTL == 0 {
+		o.LeaseTTL = DefaultLeaseTTL
+	}
+	if o.Holder == "" {
+		host, _ := os.Hostname()
+		o.Holder = fmt.Sprintf("%s/%d", host, os.Getpid())
+	}
+	if o.FollowUps == nil {
+		o.FollowUps = []time.Duration{100 * time.Millisecond, 300 * time.Millisecond, time.Second}
 	}
 	if o.Now == nil {
 		o.Now = time.Now
@@ -232,6 +268,14 @@ func (o Options) Validate() error {
 	}
 	if strings.ContainsAny(o.Bucket, " \t\r\n*>.") {
 		add("position bucket %q: not a valid key-value bucket name", o.Bucket)
+	}
+	if o.LeaseTTL < MinLeaseTTL {
+		add("--revocation-lease-ttl %s: must be at least %s", o.LeaseTTL, MinLeaseTTL)
+	}
+	for _, d := range o.FollowUps {
+		if d <= 0 {
+			add("revocation follow-up poll %s: must be positive", d)
+		}
 	}
 	if o.BucketReplicas < 1 || o.BucketReplicas > 5 {
 		add("position bucket replicas %d: must be 1 to 5", o.BucketReplicas)

@@ -24,8 +24,10 @@ import (
 	"net/http"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -48,6 +50,11 @@ type Poller struct {
 	pos   position
 	dirty bool // pos holds published events not yet saved
 
+	// through is the highest stream sequence of a notification not yet
+	// covered by a poll; trigger wakes the polling loop (capacity 1).
+	through atomic.Uint64
+	trigger chan struct{}
+
 	mu       sync.Mutex
 	readyErr error
 }
@@ -58,10 +65,13 @@ const (
 	stageList     = "list"
 	stagePublish  = "publish"
 	stagePosition = "position"
+	stageLease    = "lease"
 )
 
 type metrics struct {
 	polls, published, duplicates, widened prometheus.Counter
+	polledPublished, leaseAcquired        prometheus.Counter
+	leaseHeld                             prometheus.Gauge
 	errors                                *prometheus.CounterVec
 	auth                                  *prometheus.CounterVec
 	lastSuccess, position                 prometheus.Gauge
@@ -86,14 +96,21 @@ func newMetrics(reg prometheus.Registerer) (metrics, error) {
 			Help: "Unix time of the last successful poll."}),
 		position: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "position_timestamp",
 			Help: "revoked_at (Unix time) of the newest revocation event published."}),
+		polledPublished: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "polled_published_total",
+			Help: "Proofs of progress published: each says a poll started after the stream held a notification, so that agents need not sweep for it."}),
+		leaseAcquired: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "lease_acquisitions_total",
+			Help: "Times this replica took the poller's lease (it polls while it holds it)."}),
+		leaseHeld: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "lease_held",
+			Help: "1 while this replica holds the poller's lease and polls, 0 while it stands by."}),
 	}
-	for _, s := range []string{stageAuth, stageList, stagePublish, stagePosition} {
+	for _, s := range []string{stageAuth, stageList, stagePublish, stagePosition, stageLease} {
 		m.errors.WithLabelValues(s)
 	}
 	m.auth.WithLabelValues("success")
 	m.auth.WithLabelValues("failure")
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.polls, m.errors, m.published, m.duplicates, m.widened, m.auth, m.lastSuccess, m.position} {
+		for _, c := range []prometheus.Collector{m.polls, m.errors, m.published, m.duplicates, m.widened, m.auth, m.lastSuccess, m.position,
+			m.polledPublished, m.leaseAcquired, m.leaseHeld} {
 			if err := reg.Register(c); err != nil {
 				return m, fmt.Errorf("revoke: registering metrics: %w", err)
 			}
@@ -116,7 +133,8 @@ func New(o Options, js jetstream.JetStream, reg prometheus.Registerer, log *slog
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	p := &Poller{o: o, js: js, log: log, readyErr: errors.New("revocation poller: no successful poll yet")}
+	p := &Poller{o: o, js: js, log: log, readyErr: errors.New("revocation poller: no successful poll yet"),
+		trigger: make(chan struct{}, 1)}
 	ks, err := newKeystoneClient(&p.o)
 	if err != nil {
 		return nil, err
@@ -128,23 +146,27 @@ func New(o Options, js jetstream.JetStream, reg prometheus.Registerer, log *slog
 	return p, nil
 }
 
-// Ready returns nil when the last poll succeeded, else why not: no poll has
-// succeeded yet, or Keystone, JetStream or the position store failed the last
-// attempt (the poller keeps retrying).
+// Ready returns nil when this replica holds the lease and its last poll
+// succeeded, or stands by while another replica holds it; else why not: no
+// poll has succeeded yet, or Keystone, JetStream or the position store failed
+// the last attempt (the poller keeps retrying).
 func (p *Poller) Ready() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.readyErr
 }
 
-// Run loads the position and polls until ctx is cancelled, then returns nil.
-// Errors (Keystone away or answering errors, JetStream unavailable) are
-// counted, logged, shown by Ready and retried after a backoff that starts at
-// PollInterval and doubles up to MaxBackoff, less up to 20% jitter (see
-// internal/backoff); they never end Run.
+// Run loads the position, then takes part in the lease: while this replica
+// holds it, it polls (see hold); otherwise it waits to take over. It returns
+// nil when ctx is cancelled, after handing the lease over. Errors (Keystone
+// away or answering errors, JetStream unavailable) are counted, logged, shown
+// by Ready and retried after a backoff that starts at PollInterval and doubles
+// up to MaxBackoff, less up to 20% jitter (see internal/backoff); they never
+// end Run.
 func (p *Poller) Run(ctx context.Context) error {
-	p.log.Info("polling Keystone revocation events", "url", p.o.URL, "interval", p.o.PollInterval,
-		"bucket", p.o.Bucket, "key", p.o.Key, "subject", p.o.SubjectPrefix+".revocation")
+	p.log.Info("revocation poller starting", "url", p.o.URL, "interval", p.o.PollInterval,
+		"bucket", p.o.Bucket, "key", p.o.Key, "subject", p.o.SubjectPrefix+".revocation",
+		"holder", p.o.Holder, "lease_ttl", p.o.LeaseTTL)
 	bo := backoff.New(p.o.PollInterval, p.o.MaxBackoff)
 	for p.store == nil {
 		if err := p.open(ctx); err != nil {
@@ -157,22 +179,224 @@ func (p *Poller) Run(ctx context.Context) error {
 		}
 	}
 	for {
-		stage, err := p.poll(ctx)
+		l, err := p.acquire(ctx)
 		if ctx.Err() != nil {
-			p.flush()
 			return nil
 		}
-		delay := p.o.PollInterval
 		if err != nil {
-			delay = p.failed(stage, err, bo)
+			if !backoff.Sleep(ctx, p.failed(stageLease, err, bo)) {
+				return nil
+			}
+			continue
+		}
+		bo.Reset()
+		p.setReady(errors.New("revocation poller: holding the lease, no successful poll yet"))
+		p.m.leaseAcquired.Inc()
+		p.m.leaseHeld.Set(1)
+		p.log.Info("holding the revocation poller's lease: polling Keystone")
+		p.hold(ctx, l, bo)
+		p.m.leaseHeld.Set(0)
+		p.flush()
+		if ctx.Err() != nil {
+			rctx, cancel := context.WithTimeout(context.Background(), p.o.RequestTimeout)
+			if err := l.release(rctx); err != nil {
+				p.log.Warn("handing the lease over failed; another replica takes over after its ttl", "err", err)
+			}
+			cancel()
+			return nil
+		}
+		p.log.Warn("lost the revocation poller's lease: another replica polls now")
+		p.setReady(errors.New("revocation poller: lost the lease, not seen another holder yet"))
+	}
+}
+
+// hold polls while this replica holds l, until ctx ends or the lease is lost:
+// every PollInterval, at once when a notification reaches the stream (then
+// again after each of FollowUps), and after errors with bo's backoff. After
+// the first successful poll that started once notifications up to stream
+// sequence N were stored, it publishes an event.KindPolled event for N.
+func (p *Poller) hold(ctx context.Context, l *lease, bo *backoff.Backoff) {
+	hctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	began := time.Now()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		defer cancel() // a lost lease ends the holding
+		p.renew(hctx, l, began)
+	}()
+	go func() {
+		defer wg.Done()
+		p.followNotifications(hctx)
+	}()
+	defer wg.Wait()
+
+	timer := time.NewTimer(0) // poll at once on taking the lease
+	defer timer.Stop()
+	var followUps []time.Time // due extra polls after a notification
+	for {
+		select {
+		case <-hctx.Done():
+			return
+		case <-p.trigger:
+			if bo.Failures() > 0 {
+				continue // backing off: the next attempt will cover it
+			}
+		case <-timer.C:
+		}
+		start := time.Now()
+		through := p.through.Swap(0)
+		stage, err := p.poll(hctx)
+		if err == nil && through > 0 {
+			if err = p.publishPolled(hctx, through); err != nil {
+				stage = stagePublish
+			}
+		}
+		if hctx.Err() != nil {
+			return
+		}
+		next := start.Add(p.o.PollInterval)
+		if err != nil {
+			p.noteNotification(through) // still owed: the next successful poll covers it
+			next = time.Now().Add(p.failed(stage, err, bo))
+			followUps = nil
 		} else {
 			p.succeeded(bo)
+			if through > 0 {
+				followUps = followUps[:0]
+				for _, d := range p.o.FollowUps {
+					followUps = append(followUps, start.Add(d))
+				}
+			}
+			for len(followUps) > 0 && !followUps[0].After(time.Now()) {
+				followUps = followUps[1:]
+			}
+			if len(followUps) > 0 && followUps[0].Before(next) {
+				next = followUps[0]
+			}
 		}
-		if !backoff.Sleep(ctx, delay) {
-			p.flush()
-			return nil
+		timer.Reset(time.Until(next))
+	}
+}
+
+// renew renews l every LeaseTTL/4 until ctx ends. It returns when the lease
+// is lost: another replica wrote it, or it could not be renewed for LeaseTTL
+// (another replica may have taken it over meanwhile).
+func (p *Poller) renew(ctx context.Context, l *lease, began time.Time) {
+	t := time.NewTicker(p.o.LeaseTTL / 4)
+	defer t.Stop()
+	renewed := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rctx, cancel := context.WithTimeout(ctx, p.o.LeaseTTL/2)
+		err := l.renew(rctx, p.leaseValue(p.healthy(began)))
+		cancel()
+		switch {
+		case err == nil:
+			renewed = time.Now()
+		case ctx.Err() != nil:
+			return
+		case errors.Is(err, jetstream.ErrKeyExists):
+			return // another replica holds it
+		case time.Since(renewed) >= p.o.LeaseTTL:
+			p.log.Warn("the revocation poller's lease could not be renewed within its ttl", "err", err)
+			return
 		}
 	}
+}
+
+// healthy reports whether polls succeed: the last one did, or this holding
+// began less than three intervals ago.
+func (p *Poller) healthy(began time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.readyErr == nil || time.Since(began) < 3*p.o.PollInterval
+}
+
+// followNotifications makes every notification stored in the stream trigger
+// a poll, through an ordered consumer of its notification subjects (headers
+// only), until ctx ends.
+func (p *Poller) followNotifications(ctx context.Context) {
+	retry := backoff.New(100*time.Millisecond, p.o.MaxBackoff)
+	for ctx.Err() == nil {
+		cons, err := p.js.OrderedConsumer(ctx, p.o.Stream, jetstream.OrderedConsumerConfig{
+			FilterSubjects: []string{p.o.SubjectPrefix + ".notification.>"},
+			DeliverPolicy:  jetstream.DeliverNewPolicy,
+			HeadersOnly:    true,
+		})
+		if err == nil {
+			var cc jetstream.ConsumeContext
+			cc, err = cons.Consume(func(m jetstream.Msg) {
+				if md, err := m.Metadata(); err == nil {
+					p.noteNotification(md.Sequence.Stream)
+				}
+			})
+			if err == nil {
+				<-ctx.Done()
+				cc.Stop()
+				return
+			}
+		}
+		if errors.Is(err, nats.ErrConnectionClosed) {
+			return
+		}
+		d := retry.Next()
+		level := slog.LevelWarn
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			level = slog.LevelInfo // the bridge creates it
+		}
+		if n := retry.Failures(); n&(n-1) == 0 { // the 1st, 2nd, 4th... attempt
+			p.log.Log(ctx, level, "cannot follow the stream's notifications yet; polling on the interval meanwhile",
+				"stream", p.o.Stream, "err", err, "attempts", n, "retry_in", d)
+		}
+		if !backoff.Sleep(ctx, d) {
+			return
+		}
+	}
+}
+
+// noteNotification records that notifications up to stream sequence seq are
+// stored, and wakes the polling loop.
+func (p *Poller) noteNotification(seq uint64) {
+	if seq == 0 {
+		return
+	}
+	for {
+		cur := p.through.Load()
+		if seq <= cur || p.through.CompareAndSwap(cur, seq) {
+			break
+		}
+	}
+	select {
+	case p.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// publishPolled publishes the proof that a poll started after notifications up
+// to stream sequence through were stored, once every event that poll found
+// was acknowledged.
+func (p *Poller) publishPolled(ctx context.Context, through uint64) error {
+	e := event.Event{Version: event.SchemaVersion, Kind: event.KindPolled, Type: event.PolledType,
+		ID: fmt.Sprintf("polled-%d", through), Time: p.o.Now().UTC(), Polled: &event.Polled{Through: through}}
+	if _, err := p.publish(ctx, &e); err != nil {
+		return fmt.Errorf("publishing the poll's progress: %w", err)
+	}
+	p.m.polledPublished.Inc()
+	return nil
+}
+
+// setReady sets what Ready reports. A standby replica that sees another
+// holder renew the lease is ready: it has nothing to do until that one goes.
+func (p *Poller) setReady(err error) {
+	p.mu.Lock()
+	p.readyErr = err
+	p.mu.Unlock()
 }
 
 func (p *Poller) open(ctx context.Context) error {

@@ -167,6 +167,10 @@ func ruleCases() []ruleCase {
 			event.Event{Version: 1, Kind: "future", Type: "x"}, []string{"ALL"}},
 		{"revocation without revocation body: every token",
 			event.Event{Version: 1, Kind: event.KindRevocation, Type: "revocation"}, []string{"ALL"}},
+		{"poller progress: no token",
+			event.Event{Version: 1, Kind: event.KindPolled, Type: event.PolledType, Polled: &event.Polled{Through: 3}}, nil},
+		{"poller progress without its body: every token",
+			event.Event{Version: 1, Kind: event.KindPolled, Type: event.PolledType}, []string{"ALL"}},
 
 		// Revocation events: Keystone's revoke model.
 		{"revocation user_id: user, trustor, trustee issued before",

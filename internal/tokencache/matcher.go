@@ -136,6 +136,8 @@ func (m *matcher) reason(i int32) string {
 		return "unbounded"
 	case e.Kind == event.KindRevocation:
 		return "revocation"
+	case e.Kind == event.KindPolled:
+		return "polled"
 	}
 	return e.Type // one of event.KnownTypes: bounded
 }
