@@ -84,10 +84,64 @@ func TestNotifications(t *testing.T) {
 				if d.RoutingKey != topic+".info" {
 					t.Errorf("routing key %q, want %q", d.RoutingKey, topic+".info")
 				}
+				eventListedWhenNotified(t, k, deliveries, user)
 				return
 			}
 		case <-timeout:
 			t.Fatalf("no identity.user.created notification for user %s within 30 s on exchange %s; saw %v", user, exchange, seen)
+		}
+	}
+}
+
+// eventListedWhenNotified: when a user is removed from a group, Keystone
+// records the user's revocation event before it sends the notification, so a
+// list of revocation events made as soon as the notification arrives holds it.
+// The revocation poller relies on this (docs/REVOCATION.md, "Resolving
+// notifications").
+func eventListedWhenNotified(t *testing.T, k *Keystone, deliveries <-chan amqp.Delivery, user string) {
+	ctx := context.Background()
+	group, err := k.CreateGroup(ctx, UniqueName("g"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := k.AddUserToGroup(ctx, group, user); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.RemoveUserFromGroup(ctx, group, user); err != nil {
+		t.Fatal(err)
+	}
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case d := <-deliveries:
+			var env struct {
+				Msg string `json:"oslo.message"`
+			}
+			var inner struct {
+				EventType string         `json:"event_type"`
+				Payload   map[string]any `json:"payload"`
+			}
+			if json.Unmarshal(d.Body, &env) != nil || json.Unmarshal([]byte(env.Msg), &inner) != nil {
+				continue
+			}
+			if inner.EventType != "identity.group.updated" || inner.Payload["actor_operation"] != "removed" {
+				continue
+			}
+			start := time.Now()
+			events, err := k.RevocationEvents(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range events {
+				if e["user_id"] == user {
+					t.Logf("the removed member's revocation event was listed by the first request after the notification (%s)",
+						time.Since(start).Round(time.Millisecond))
+					return
+				}
+			}
+			t.Fatalf("the notification of the removal arrived before Keystone listed the user's revocation event: %v", events)
+		case <-timeout:
+			t.Fatal("no notification of the group membership removal within 30 s")
 		}
 	}
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/keystonetest"
+	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
@@ -250,41 +251,43 @@ func TestKeystoneRevocationsPublishedOnce(t *testing.T) {
 }
 
 // TestKeystoneTwoPollers: of two replicas one polls, and the stream holds
-// every event Keystone lists, once.
+// every event Keystone lists, once. When the polling replica dies (its NATS
+// connection gone: no renewal, no hand-over), the other takes over after the
+// lease's ttl and publishes what Keystone records next.
 func TestKeystoneTwoPollers(t *testing.T) {
-	js := startJetStream(t, 2*time.Minute)
-	p1, reg1 := newKeystonePoller(t, keystoneOptions(t), js)
-	p2, reg2 := newKeystonePoller(t, keystoneOptions(t), js)
-	runPoller(t, p1)
-	runPoller(t, p2)
+	srv := natsserver.StartTest(t)
+	js := jetStreamOf(t, srv.ClientURL())
+	createStream(t, js, 2*time.Minute)
+	rs := []*replica{startReplica(t, srv.ClientURL(), keystoneOptions(t), "a"), startReplica(t, srv.ClientURL(), keystoneOptions(t), "b")}
 	s := runScenario(t)
 	waitScenario(t, js, s)
-	// One of them holds the lease and polls; the other stands by.
-	held := func(reg *prometheus.Registry) float64 {
-		return metricValue(t, reg, "keystone_fanout_revoke_lease_held")
-	}
+	var holder int
 	testutil.Eventually(t, 20*time.Second, "one poller holding the lease", func() (bool, string) {
-		return held(reg1)+held(reg2) == 1, fmt.Sprint(held(reg1), held(reg2))
+		h := holders(t, rs...)
+		if len(h) == 1 {
+			holder = h[0]
+		}
+		return len(h) == 1, fmt.Sprint(h)
 	})
-	holder, standby := reg1, reg2
-	if held(reg2) == 1 {
-		holder, standby = reg2, reg1
-	}
-	start := metricValue(t, holder, "keystone_fanout_revoke_polls_total")
+	standby := rs[1-holder]
+	start := metricValue(t, rs[holder].reg, "keystone_fanout_revoke_polls_total")
 	testutil.Eventually(t, 20*time.Second, "two more polls of the holder", func() (bool, string) {
-		n := metricValue(t, holder, "keystone_fanout_revoke_polls_total")
+		n := metricValue(t, rs[holder].reg, "keystone_fanout_revoke_polls_total")
 		return n >= start+2, fmt.Sprintf("%v polls", n-start)
 	})
-	if n := metricValue(t, standby, "keystone_fanout_revoke_polls_total"); n != 0 {
+	if n := metricValue(t, standby.reg, "keystone_fanout_revoke_polls_total"); n != 0 {
 		t.Errorf("the standby replica polled %v times, want 0", n)
 	}
-	msgs := streamMessages(t, js)
-	checkMatchesKeystone(t, msgs)
-	published := metricValue(t, reg1, "keystone_fanout_revoke_events_published_total") +
-		metricValue(t, reg2, "keystone_fanout_revoke_events_published_total")
-	if int(published) != len(msgs) {
-		t.Errorf("the pollers counted %v events published, the stream holds %d", published, len(msgs))
-	}
+	checkMatchesKeystone(t, streamMessages(t, js))
+
+	killed := time.Now()
+	rs[holder].nc.Close()
+	testutil.Eventually(t, 20*time.Second, "the standby holding the lease", func() (bool, string) {
+		return standby.holds(t), "not yet"
+	})
+	t.Logf("lease taken over %s after the holder died (ttl %s)", time.Since(killed).Round(time.Millisecond), DefaultLeaseTTL)
+	s2 := runScenario(t)
+	checkMatchesKeystone(t, waitScenario(t, js, s2))
 }
 
 // TestKeystoneOutage: Keystone stopped shows in Ready and the metrics; once it
