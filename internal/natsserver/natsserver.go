@@ -14,8 +14,14 @@ import (
 )
 
 // Options configures an embedded server.
+//
+// The embedded server has neither TLS nor authentication, so it listens on
+// loopback only: Validate refuses any other client or cluster address. Other
+// hosts reach NATS through a nats-server of its own, with TLS and accounts
+// (see docs/OPERATIONS.md).
 type Options struct {
-	// Listen is the client address, "host:port". Port -1 or 0 picks a free port.
+	// Listen is the client address, "host:port", on a loopback address
+	// (127.0.0.0/8, ::1 or localhost). Port -1 or 0 picks a free port.
 	// Default "127.0.0.1:4222".
 	Listen string
 	// DataDir is where JetStream keeps its file storage. Required: an embedded
@@ -59,18 +65,33 @@ func (o *Options) setDefaults() {
 // Validate checks the options without starting anything.
 func (o Options) Validate() error {
 	o.setDefaults()
-	if _, _, err := splitHostPort(o.Listen); err != nil {
-		return fmt.Errorf("--nats-listen %q: %w (want host:port, for example 127.0.0.1:4222)", o.Listen, err)
+	var errs []error
+	if host, _, err := splitHostPort(o.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("--nats-listen %q: %w (want host:port, for example 127.0.0.1:4222)", o.Listen, err))
+	} else if !loopback(host) {
+		errs = append(errs, fmt.Errorf("--nats-listen %q: the embedded NATS server has no TLS or authentication, so it listens on loopback only "+
+			"(127.0.0.1, ::1 or localhost); for agents on other hosts run a nats-server with TLS and accounts and give its address as --nats-url", o.Listen))
 	}
 	if o.DataDir == "" {
-		return errors.New("--data-dir is required for the embedded NATS server: JetStream keeps the stream there")
+		errs = append(errs, errors.New("--data-dir is required for the embedded NATS server: JetStream keeps the stream there"))
 	}
 	if o.Cluster != "" {
-		if _, _, err := splitHostPort(o.Cluster); err != nil {
-			return fmt.Errorf("cluster address %q: %w", o.Cluster, err)
+		if host, _, err := splitHostPort(o.Cluster); err != nil {
+			errs = append(errs, fmt.Errorf("cluster address %q: %w", o.Cluster, err))
+		} else if !loopback(host) {
+			errs = append(errs, fmt.Errorf("cluster address %q: the embedded server's routes are not authenticated: loopback only", o.Cluster))
 		}
 	}
-	return nil
+	return errors.Join(errs...)
+}
+
+// loopback reports whether host names a loopback address only.
+func loopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 func splitHostPort(addr string) (string, int, error) {
