@@ -341,6 +341,11 @@ func (a *Agent) consume(ctx context.Context) error {
 		}
 		delay := retry.Next()
 		if err != nil {
+			// A request the server refused for lack of permission just
+			// times out; the connection keeps the server's reason.
+			if last := a.nc.LastError(); errors.Is(last, nats.ErrPermissionViolation) {
+				err = fmt.Errorf("%w (NATS: %v)", err, last)
+			}
 			a.mu.Lock()
 			a.lastBindErr = err
 			a.mu.Unlock()

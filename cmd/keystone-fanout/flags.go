@@ -53,6 +53,7 @@ func registerNATS(s *config.Set, o *natsconn.Options, urlDefault, urlUsage strin
 	s.String(&o.User, "nats-user", "", "NATS user name (with --nats-password)")
 	s.Secret(&o.Password, "nats-password", "NATS password")
 	s.Secret(&o.Token, "nats-token", "NATS authentication token")
+	s.String(&o.InboxPrefix, "nats-inbox-prefix", "", "prefix of this client's reply subjects (default _INBOX); with deploy/nats's permissions, _INBOX_<user>")
 }
 
 // registerEmbedded registers the embedded NATS server's flags.

@@ -40,6 +40,12 @@ type Options struct {
 	User, Password string
 	// Token is an authentication token.
 	Token string
+	// InboxPrefix (--nats-inbox-prefix) is the prefix of the reply subjects
+	// this client subscribes to. Default "_INBOX". Under least privilege
+	// give each user its own (the shipped deploy/nats configuration allows
+	// user U to subscribe to "_INBOX_U.>" only), so that no user can read
+	// another's replies.
+	InboxPrefix string
 	// ConnectTimeout bounds the first connection; default 10 s. After the first
 	// connection reconnects are unlimited. Ignored with KeepTrying.
 	ConnectTimeout time.Duration
@@ -57,6 +63,9 @@ type Options struct {
 // fails here rather than at the first connection.
 func (o Options) Validate() error {
 	var errs []error
+	if o.InboxPrefix != "" && (strings.ContainsAny(o.InboxPrefix, " \t\r\n*>.") || o.InboxPrefix == "") {
+		errs = append(errs, fmt.Errorf("--nats-inbox-prefix %q: one subject token without '.', '*', '>' or spaces, for example _INBOX_bridge", o.InboxPrefix))
+	}
 	if strings.TrimSpace(o.URL) == "" {
 		errs = append(errs, errors.New("--nats-url is empty: give the NATS server URL, for example nats://127.0.0.1:4222"))
 	}
@@ -172,6 +181,9 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 			}
 			log.Warn("NATS asynchronous error", "subject", subject, "err", err)
 		}),
+	}
+	if o.InboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(o.InboxPrefix))
 	}
 	if o.CAFile != "" || o.CertFile != "" || o.TLSServerName != "" {
 		cfg, err := tlsConfig(o)

@@ -1,0 +1,310 @@
+// Package nats holds the shipped NATS server configuration (central.conf) and
+// the test that proves it: each keystone-fanout component works with exactly
+// its permissions, and a region's credentials can neither read nor reset
+// another region's consumer or checkpoint, nor publish an event.
+package nats
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	natsgo "github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keystone-fanout/keystone-fanout/bridge"
+	"github.com/keystone-fanout/keystone-fanout/internal/app"
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
+	"github.com/keystone-fanout/keystone-fanout/regionagent"
+)
+
+var passwords = map[string]string{
+	"bridge": "pw-bridge", "operator": "pw-operator", "regionTwo": "pw-two", "regionThree": "pw-three", "sys": "pw-sys",
+}
+
+// startCentral starts an embedded server from central.conf as shipped, on a
+// free loopback port with its storage in a temporary directory.
+func startCentral(t *testing.T) string {
+	t.Helper()
+	for user, pw := range passwords {
+		t.Setenv("KSF_"+strings.ToUpper(user)+"_PASSWORD", pw)
+	}
+	opts, err := server.ProcessConfigFile("central.conf")
+	if err != nil {
+		t.Fatalf("central.conf: %v", err)
+	}
+	opts.Host, opts.Port = "127.0.0.1", -1
+	opts.LeafNode.Host, opts.LeafNode.Port = "127.0.0.1", -1
+	opts.StoreDir = t.TempDir()
+	opts.NoLog, opts.NoSigs = true, true
+	srv, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Start()
+	if !srv.ReadyForConnections(10 * time.Second) {
+		t.Fatal("the server did not start")
+	}
+	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	return srv.ClientURL()
+}
+
+// natsOptions are a component's connection options as the user.
+func natsOptions(url, user string) natsconn.Options {
+	return natsconn.Options{URL: url, User: user, Password: passwords[user], InboxPrefix: "_INBOX_" + user, ConnectTimeout: 5 * time.Second}
+}
+
+func connect(t *testing.T, url, user string) (*natsgo.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := natsconn.Connect(context.Background(), natsOptions(url, user), "test-"+user, testLog(t), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
+}
+
+func testLog(t testing.TB) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// fakeKeystone answers the poller's two requests: a token, and no events.
+func fakeKeystone(t *testing.T) string {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v3/auth/tokens", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Subject-Token", "tok")
+		w.WriteHeader(http.StatusCreated)
+		fmt.Fprintf(w, `{"token": {"expires_at": %q}}`, time.Now().Add(time.Hour).UTC().Format(time.RFC3339))
+	})
+	mux.HandleFunc("GET /v3/OS-REVOKE/events", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, `{"events": []}`)
+	})
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	return srv.URL + "/v3"
+}
+
+// countingInvalidator counts the events it is given.
+type countingInvalidator struct {
+	mu  sync.Mutex
+	ids map[string]bool
+}
+
+func (c *countingInvalidator) Invalidate(_ context.Context, evs []event.Event) (regionagent.Result, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, e := range evs {
+		c.ids[e.ID] = true
+	}
+	return regionagent.Result{}, nil
+}
+
+func (c *countingInvalidator) seen(id string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ids[id]
+}
+
+// runAgent runs a region agent as user for region.
+func runAgent(t *testing.T, url, user, region string) (*regionagent.Agent, *countingInvalidator, *prometheus.Registry) {
+	t.Helper()
+	nc, _ := connect(t, url, user)
+	inv := &countingInvalidator{ids: map[string]bool{}}
+	reg := prometheus.NewRegistry()
+	a, err := regionagent.New(regionagent.Options{Region: region, RetryMax: time.Second}, nc, inv, reg, testLog(t).With("region", region))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return a, inv, reg
+}
+
+// gauge is the value of a gauge or counter without labels.
+func gauge(reg *prometheus.Registry, name string) float64 {
+	mfs, _ := reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) > 0 {
+			if g := mf.GetMetric()[0].GetGauge(); g != nil {
+				return g.GetValue()
+			}
+			if c := mf.GetMetric()[0].GetCounter(); c != nil {
+				return c.GetValue()
+			}
+		}
+	}
+	return 0
+}
+
+// TestLeastPrivilege starts the server from central.conf and runs every
+// component with its own user, then checks what a region must not do.
+func TestLeastPrivilege(t *testing.T) {
+	url := startCentral(t)
+	ctx := context.Background()
+
+	// The bridge's user: the stream, events, the poller's lease and position.
+	_, bjs := connect(t, url, "bridge")
+	if err := bridge.EnsureStream(ctx, bjs, bridge.DefaultStreamConfig()); err != nil {
+		t.Fatalf("the bridge ensuring the stream: %v", err)
+	}
+	pollerReg := prometheus.NewRegistry()
+	p, err := revoke.New(revoke.Options{URL: fakeKeystone(t), Username: "svc", Password: "pw", Project: "service"},
+		bjs, pollerReg, testLog(t).With("component", "poller"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pctx, pcancel := context.WithCancel(ctx)
+	pdone := make(chan error, 1)
+	go func() { pdone <- p.Run(pctx) }()
+	t.Cleanup(func() { pcancel(); <-pdone })
+	testutil.Eventually(t, 20*time.Second, "the bridge's poller holding its lease and polling", func() (bool, string) {
+		return gauge(pollerReg, "keystone_fanout_revoke_lease_held") == 1 && p.Ready() == nil, fmt.Sprint(p.Ready())
+	})
+
+	// Two regions, each with its own user.
+	a2, inv2, reg2 := runAgent(t, url, "regionTwo", "regionTwo")
+	a3, inv3, _ := runAgent(t, url, "regionThree", "regionThree")
+	for _, a := range []*regionagent.Agent{a2, a3} {
+		testutil.Eventually(t, 20*time.Second, "the agents consuming", func() (bool, string) {
+			err := a.Ready()
+			return err == nil, fmt.Sprint(err)
+		})
+	}
+	testutil.Eventually(t, 10*time.Second, "regionTwo seeing the poller", func() (bool, string) {
+		return gauge(reg2, "keystone_fanout_agent_revocation_poller_live") == 1, "not yet"
+	})
+
+	// An event published as the bridge publishes reaches both regions; the
+	// poller follows it and publishes its proof.
+	e := event.Event{Version: event.SchemaVersion, Kind: event.KindNotification, ID: "n-1", Type: "identity.user.updated",
+		Time: time.Now().UTC(), UserID: "u1"}
+	body, _ := e.Marshal()
+	if _, err := bjs.Publish(ctx, e.Subject("keystone"), body, jetstream.WithMsgID(e.ID)); err != nil {
+		t.Fatalf("the bridge publishing an event: %v", err)
+	}
+	testutil.Eventually(t, 20*time.Second, "both regions handling the event, the poller proving its poll", func() (bool, string) {
+		polled := gauge(pollerReg, "keystone_fanout_revoke_polled_published_total")
+		return inv2.seen("n-1") && inv3.seen("n-1") && polled >= 1, fmt.Sprintf("regionTwo %v, regionThree %v, polled %v", inv2.seen("n-1"), inv3.seen("n-1"), polled)
+	})
+
+	// The operator: status and sweep.
+	var out strings.Builder
+	testutil.Eventually(t, 20*time.Second, "status as the operator", func() (bool, string) {
+		out.Reset()
+		err := app.RunStatus(ctx, app.StatusOptions{NATS: natsOptions(url, "operator"), JSON: true}, &out, testLog(t))
+		return err == nil && strings.Contains(out.String(), "regionThree"), fmt.Sprintf("%v %s", err, out.String())
+	})
+	if err := app.RunSweep(ctx, app.SweepOptions{NATS: natsOptions(url, "operator"), Reason: "test"}, io.Discard, testLog(t)); err != nil {
+		t.Fatalf("sweep as the operator: %v", err)
+	}
+
+	// What regionTwo's credentials must not do.
+	nc2, js2 := connect(t, url, "regionTwo")
+	short := func() (context.Context, context.CancelFunc) { return context.WithTimeout(ctx, 2*time.Second) }
+	tests := []struct {
+		name string
+		do   func() error
+	}{
+		{"read regionThree's consumer", func() error {
+			c, cancel := short()
+			defer cancel()
+			_, err := js2.Consumer(c, "KEYSTONE", "regionThree")
+			return err
+		}},
+		{"delete regionThree's consumer", func() error {
+			c, cancel := short()
+			defer cancel()
+			return js2.DeleteConsumer(c, "KEYSTONE", "regionThree")
+		}},
+		{"reset regionThree's consumer", func() error {
+			c, cancel := short()
+			defer cancel()
+			_, err := js2.CreateOrUpdateConsumer(c, "KEYSTONE", jetstream.ConsumerConfig{Durable: "regionThree", AckPolicy: jetstream.AckExplicitPolicy})
+			return err
+		}},
+		{"publish an event", func() error {
+			c, cancel := short()
+			defer cancel()
+			_, err := js2.Publish(c, "keystone.notification.identity.user.updated", body)
+			return err
+		}},
+		{"delete the stream", func() error {
+			c, cancel := short()
+			defer cancel()
+			return js2.DeleteStream(c, "KEYSTONE")
+		}},
+		{"read regionThree's checkpoint", func() error {
+			c, cancel := short()
+			defer cancel()
+			kv, err := js2.KeyValue(c, regionagent.DefaultCheckpointBucket)
+			if err != nil {
+				return err
+			}
+			_, err = kv.Get(c, "regionThree")
+			return err
+		}},
+		{"write the poller's lease", func() error {
+			c, cancel := short()
+			defer cancel()
+			_, err := js2.Publish(c, "$KV.keystone-fanout-revoke.lease", []byte(`{}`))
+			return err
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := nc2.LastError()
+			err := tt.do()
+			last := nc2.LastError()
+			if err == nil && (last == before || !errors.Is(last, natsgo.ErrPermissionViolation)) {
+				t.Fatalf("regionTwo could %s", tt.name)
+			}
+		})
+	}
+
+	// regionThree's consumer is untouched and still consuming.
+	testutil.Eventually(t, 10*time.Second, "regionThree still consuming", func() (bool, string) {
+		err := a3.Ready()
+		return err == nil, fmt.Sprint(err)
+	})
+}
+
+// TestMissingPermissionIsNamed: an agent started with another region's name
+// (its credentials lack that consumer) is not ready, and says which permission
+// it lacks.
+func TestMissingPermissionIsNamed(t *testing.T) {
+	url := startCentral(t)
+	_, bjs := connect(t, url, "bridge")
+	if err := bridge.EnsureStream(context.Background(), bjs, bridge.DefaultStreamConfig()); err != nil {
+		t.Fatal(err)
+	}
+	a, _, _ := runAgent(t, url, "regionTwo", "regionThree")
+	testutil.Eventually(t, 30*time.Second, "the agent to name the missing permission", func() (bool, string) {
+		err := a.Ready()
+		return err != nil && strings.Contains(strings.ToLower(err.Error()), "permissions violation") &&
+			strings.Contains(err.Error(), "KEYSTONE.regionThree"), fmt.Sprint(err)
+	})
+}
+
