@@ -307,4 +307,3 @@ func TestMissingPermissionIsNamed(t *testing.T) {
 			strings.Contains(err.Error(), "KEYSTONE.regionThree"), fmt.Sprint(err)
 	})
 }
-
