@@ -76,14 +76,16 @@ func (k *Keystone) Request(ctx context.Context, method, path, token string, extr
 }
 
 // admin sends a request with the admin token, getting a new one once when
-// Keystone answers 401 (for example after a restart with rotated keys).
+// Keystone answers 401 (for example after a restart with rotated keys) or 403
+// (seen under heavy load: the admin's roles briefly not found for a token
+// Keystone had just issued; a new token has them).
 func (k *Keystone) admin(ctx context.Context, method, path string, extra http.Header, in, out any) (http.Header, error) {
 	tok, err := k.AdminToken(ctx)
 	if err != nil {
 		return nil, err
 	}
 	h, err := k.Request(ctx, method, path, tok, extra, in, out)
-	if se, ok := err.(*StatusError); ok && se.Status == http.StatusUnauthorized {
+	if se, ok := err.(*StatusError); ok && (se.Status == http.StatusUnauthorized || se.Status == http.StatusForbidden) {
 		k.mu.Lock()
 		k.token = ""
 		k.mu.Unlock()
