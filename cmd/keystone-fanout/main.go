@@ -78,6 +78,10 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) in
 		return 0
 	case errors.Is(err, flag.ErrHelp):
 		return 0
+	case errors.As(err, new(exitStatus)):
+		var code exitStatus
+		errors.As(err, &code)
+		return int(code) // the command printed what it had to say
 	case errors.As(err, new(usageError)):
 		fmt.Fprintf(stderr, "keystone-fanout %s: %v\n", args[0], err)
 		return 2
@@ -86,6 +90,12 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) in
 		return 1
 	}
 }
+
+// exitStatus is an error that chooses the exit status itself (status
+// --check's monitoring-plugin codes); its command already printed its output.
+type exitStatus int
+
+func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
 // usageError is bad configuration, reported before anything is started.
 type usageError struct{ err error }
