@@ -18,6 +18,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/app"
 )
 
 const usage = `keystone-fanout: OpenStack token revocation in every region within milliseconds.
@@ -50,6 +52,7 @@ var commands = map[string]command{
 }
 
 func main() {
+	app.Version = version
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
 }
 
