@@ -82,9 +82,9 @@ func newMetrics(reg prometheus.Registerer) (metrics, error) {
 			Help: "Revocation events published widened (remove every token entry) because they were not understood."}),
 		auth: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "auth_total",
 			Help: "Authentications to Keystone, by result (success, failure)."}, []string{"result"}),
-		lastSuccess: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "last_success_timestamp",
+		lastSuccess: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "last_success_timestamp_seconds",
 			Help: "Unix time of the last successful poll."}),
-		position: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "position_timestamp",
+		position: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "position_timestamp_seconds",
 			Help: "revoked_at (Unix time) of the newest revocation event published."}),
 	}
 	for _, s := range []string{stageAuth, stageList, stagePublish, stagePosition} {
