@@ -401,8 +401,8 @@ func benchAgentNote(agent *proc) string {
 	if err != nil {
 		return fmt.Sprintf(" (agent metrics: %v)", err)
 	}
-	return fmt.Sprintf(" (agent: batches %v, entries removed %v, server errors %v)",
-		m.sum("keystone_fanout_invalidator_batches_total"), m.sum("keystone_fanout_invalidator_entries_removed_total"),
+	return fmt.Sprintf(" (agent: invalidations %v, entries removed %v, server errors %v)",
+		m.sum("keystone_fanout_agent_invalidations_total"), m.sum("keystone_fanout_invalidator_entries_removed_total"),
 		m.sum("keystone_fanout_invalidator_server_errors_total"))
 }
 

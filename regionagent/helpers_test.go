@@ -308,6 +308,24 @@ func (ra *runningAgent) waitBound(t testing.TB) {
 
 func counter(c prometheus.Collector) float64 { return promtest.ToFloat64(c) }
 
+// sumMetric is the sum of every series of the counter name in reg.
+func sumMetric(t testing.TB, reg prometheus.Gatherer, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			for _, m := range mf.Metric {
+				sum += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
+}
+
 func (ra *runningAgent) gaps(reason string) float64 {
 	return counter(ra.m.gaps.WithLabelValues(reason))
 }

@@ -142,7 +142,7 @@ func TestWithMemcachedAndMiddleware(t *testing.T) {
 	if n := counter(ra.m.secondRemovals); n != 1 {
 		t.Fatalf("second_pass_removals_total %v, want 1 (the stale write-back)", n)
 	}
-	if n := counter(ra.m.removed); n != float64(len(victims)+1) {
+	if n := sumMetric(t, reg, "keystone_fanout_invalidator_entries_removed_total"); n != float64(len(victims)+1) {
 		t.Fatalf("entries_removed_total %v, want %d", n, len(victims)+1)
 	}
 

@@ -53,10 +53,7 @@ type metrics struct {
 	events           *prometheus.CounterVec
 	undecodable      prometheus.Counter
 	redeliveries     prometheus.Counter
-	removed          prometheus.Counter
-	kept             prometheus.Counter
 	sweeps           prometheus.Counter
-	flushes          prometheus.Counter
 	gaps             *prometheus.CounterVec
 	secondRemovals   prometheus.Counter
 	latency          *prometheus.HistogramVec
@@ -110,21 +107,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: metricPrefix + "redeliveries_total",
 			Help: "Events JetStream delivered more than once (a previous agent stopped before acknowledging them).",
 		}),
-		removed: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: metricPrefix + "entries_removed_total",
-			Help: "Token cache entries removed, both passes.",
-		}),
-		kept: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: metricPrefix + "entries_kept_total",
-			Help: "Token cache entries inspected and kept, both passes.",
-		}),
 		sweeps: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: metricPrefix + "sweeps_total",
 			Help: "Invalidations that removed every token entry (an unbounded event or a gap).",
-		}),
-		flushes: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: metricPrefix + "flushes_total",
-			Help: "Invalidations that flushed memcached entirely.",
 		}),
 		gaps: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricPrefix + "gaps_total",
@@ -217,8 +202,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Times the agent reset its consumer to its ack floor on start, so that the events a previous agent held unacknowledged were redelivered at once.",
 		}),
 	}
-	for _, c := range []prometheus.Collector{m.events, m.undecodable, m.redeliveries, m.removed, m.kept,
-		m.sweeps, m.flushes, m.gaps, m.secondRemovals, m.latency, m.resolutions, m.resolveWait, m.invalidations, m.failures,
+	for _, c := range []prometheus.Collector{m.events, m.undecodable, m.redeliveries,
+		m.sweeps, m.gaps, m.secondRemovals, m.latency, m.resolutions, m.resolveWait, m.invalidations, m.failures,
 		m.callDuration, m.batchSize, m.pending, m.ackPending, m.held, m.bound, m.consumerErrors,
 		m.recreations, m.ackFailures, m.checkpointErrors, m.checkpointSeq, m.panics, m.skippedFetched, m.resets} {
 		if err := reg.Register(c); err != nil {

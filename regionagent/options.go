@@ -224,6 +224,10 @@ type Options struct {
 
 var regionPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
+// ValidRegionName reports whether name can be a region's name (--region):
+// 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'.
+func ValidRegionName(name string) bool { return regionPattern.MatchString(name) }
+
 func (o *Options) setDefaults() {
 	if o.Stream == "" {
 		o.Stream = DefaultStream

@@ -282,14 +282,11 @@ func (a *Agent) invalidate(ctx context.Context, pass string, items []*item) (Res
 	if pass != passSecond {
 		a.m.batchSize.Observe(float64(len(evs)))
 	}
-	// What was removed is removed, even when another server failed.
-	a.m.removed.Add(float64(res.Removed))
-	a.m.kept.Add(float64(res.Kept))
+	// Entries removed and kept are counted by the invalidator, per server
+	// (keystone_fanout_invalidator_entries_removed_total, ..._kept_total,
+	// ..._flushes_total).
 	if res.Swept {
 		a.m.sweeps.Inc()
-	}
-	if res.Flushed {
-		a.m.flushes.Inc()
 	}
 	if err != nil {
 		a.m.failures.WithLabelValues(pass).Inc()

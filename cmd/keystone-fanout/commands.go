@@ -4,10 +4,15 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
+	"log/slog"
+	"strconv"
+	"strings"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/app"
 	"github.com/keystone-fanout/keystone-fanout/internal/config"
+	"github.com/keystone-fanout/keystone-fanout/regionagent"
 )
 
 const bridgeUsage = `Usage: keystone-fanout bridge [flags]
@@ -45,28 +50,100 @@ func runBridge(ctx context.Context, args []string, stdout, stderr io.Writer, get
 
 const statusUsage = `Usage: keystone-fanout status [flags]
 
-Prints the stream and every region agent's consumer: how many events each region
-has still to handle, and whether one missed events the stream no longer holds.`
+Prints the stream and every region: its agent's consumer (how many events the region
+has still to handle, and how old the oldest is), its checkpoint, and whether it missed
+events the stream no longer holds.
+
+With --check it is a monitoring check: a first line "KEYSTONE-FANOUT STATE - ..." with
+performance data, and the exit status of a Nagios plugin:
+  0 OK        every region has acknowledged every event older than --warn-lag
+  1 WARNING   a region lags past --warn-lag, or no agent is attached to its consumer
+  2 CRITICAL  a region lags past --max-lag, has a gap, or is not seen (a region of
+              --expect-regions without a consumer, or a checkpoint without one); or
+              the stream does not exist
+  3 UNKNOWN   the check could not be made: bad flags, NATS not answering
+Without --check: 0 done, 1 NATS or the stream could not be read, 2 bad flags.`
+
+// statusFlags maps `keystone-fanout status` flags onto its options.
+type statusFlags struct {
+	o         app.StatusOptions
+	check     bool
+	c         app.CheckOptions
+	logFormat string
+}
+
+func (f *statusFlags) register(s *config.Set) {
+	registerNATS(s, &f.o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+	s.String(&f.o.Stream, "stream", "KEYSTONE", "JetStream stream carrying the events")
+	s.String(&f.o.CheckpointBucket, "checkpoint-bucket", regionagent.DefaultCheckpointBucket, "the agents' --checkpoint-bucket")
+	s.Bool(&f.o.JSON, "json", false, "print JSON")
+	s.String(&f.logFormat, "log-format", "text", "log format: json or text")
+	s.Bool(&f.check, "check", false, "judge the status and exit 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN (a monitoring check)")
+	s.List(&f.c.Regions, "expect-regions", nil, "with --check: regions that must have an agent's consumer; one without is CRITICAL")
+	s.Duration(&f.c.WarnLag, "warn-lag", app.DefaultWarnLag, "with --check: WARNING when a region's oldest unacknowledged event is older")
+	s.Duration(&f.c.MaxLag, "max-lag", app.DefaultMaxLag, "with --check: CRITICAL when a region's oldest unacknowledged event is older")
+}
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
-	var o app.StatusOptions
+	var f statusFlags
 	s := config.New("status", statusUsage, stderr)
-	registerNATS(s, &o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-	s.String(&o.Stream, "stream", "KEYSTONE", "JetStream stream carrying the events")
-	s.Bool(&o.JSON, "json", false, "print JSON")
-	var logFormat string
-	s.String(&logFormat, "log-format", "text", "log format: json or text")
-	if err := s.Parse(args, getenv); err != nil {
-		return parseErr(err)
-	}
-	if err := o.NATS.Validate(); err != nil {
-		return usageError{err}
-	}
-	log, err := newLogger(stderr, logFormat, "warn")
-	if err != nil {
+	f.register(s)
+	err := s.Parse(args, getenv)
+	if errors.Is(err, flag.ErrHelp) {
 		return err
 	}
-	return app.RunStatus(ctx, o, stdout, log)
+	if err == nil {
+		err = f.o.NATS.Validate()
+	}
+	if err == nil && f.check {
+		err = f.c.Validate()
+	}
+	var log *slog.Logger
+	if err == nil {
+		log, err = newLogger(stderr, f.logFormat, "warn")
+	}
+	if err != nil {
+		if f.check || checkRequested(args, getenv) {
+			return unknown(stdout, err)
+		}
+		return parseErr(err)
+	}
+	if f.check {
+		f.o.Check = &f.c
+	}
+	err = app.RunStatus(ctx, f.o, stdout, log)
+	var ce *app.CheckError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &ce):
+		return exitStatus(ce.State) // the verdict line is printed
+	case f.check:
+		return unknown(stdout, err)
+	}
+	return err
+}
+
+// unknown prints the verdict of a check that could not be made.
+func unknown(stdout io.Writer, err error) error {
+	fmt.Fprintf(stdout, "KEYSTONE-FANOUT UNKNOWN - %s\n", strings.ReplaceAll(err.Error(), "\n", "; "))
+	return exitStatus(app.CheckUnknown)
+}
+
+// checkRequested reports whether --check is among args or in the
+// environment, for flags that did not parse.
+func checkRequested(args []string, getenv func(string) string) bool {
+	for _, a := range args {
+		if a == "--" {
+			break
+		}
+		switch strings.TrimLeft(a, "-") {
+		case "check", "check=true", "check=1":
+			return strings.HasPrefix(a, "-")
+		}
+	}
+	b, _ := strconv.ParseBool(getenv(config.EnvName("check")))
+	return b
 }
 
 // parseErr keeps --help as flag.ErrHelp and marks the rest as usage errors.

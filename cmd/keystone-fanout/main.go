@@ -18,6 +18,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/app"
 )
 
 const usage = `keystone-fanout: OpenStack token revocation in every region within milliseconds.
@@ -50,6 +52,7 @@ var commands = map[string]command{
 }
 
 func main() {
+	app.Version = version
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
 }
 
@@ -78,6 +81,10 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) in
 		return 0
 	case errors.Is(err, flag.ErrHelp):
 		return 0
+	case errors.As(err, new(exitStatus)):
+		var code exitStatus
+		errors.As(err, &code)
+		return int(code) // the command printed what it had to say
 	case errors.As(err, new(usageError)):
 		fmt.Fprintf(stderr, "keystone-fanout %s: %v\n", args[0], err)
 		return 2
@@ -86,6 +93,12 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) in
 		return 1
 	}
 }
+
+// exitStatus is an error that chooses the exit status itself (status
+// --check's monitoring-plugin codes); its command already printed its output.
+type exitStatus int
+
+func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
 // usageError is bad configuration, reported before anything is started.
 type usageError struct{ err error }

@@ -5,7 +5,9 @@
 #   deploy/dev/install.sh           RabbitMQ and memcached, to run the system
 #   deploy/dev/install.sh --tests   also what the test suite needs: Debian's
 #                                   keystonemiddleware (cache entries in tests are
-#                                   written by its own code) and a real Keystone
+#                                   written by its own code), a real Keystone, and
+#                                   promtool (Debian's prometheus package, never
+#                                   started) to check deploy/prometheus's rules
 #
 # A service that cannot be installed or does not come up is an error: the script
 # exits non-zero and says which.
@@ -44,7 +46,7 @@ if [ ! -e "$policy" ]; then
 fi
 
 packages=(memcached)
-$tests && packages+=(python3-keystonemiddleware python3-memcache python3-oslo.cache)
+$tests && packages+=(python3-keystonemiddleware python3-memcache python3-oslo.cache prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -85,6 +87,14 @@ fi
 # Debian's interpreter (the python3 first on PATH may be another one).
 /usr/bin/python3 -c 'import keystonemiddleware.auth_token._cache, memcache' ||
   die "Debian's /usr/bin/python3 cannot import keystonemiddleware"
+
+# promtool checks and unit-tests deploy/prometheus's alert rules. The package's
+# Prometheus service is never started (policy-rc.d above); stop it should a
+# machine without that guard have started it.
+command -v promtool >/dev/null || die "promtool is not installed (Debian's prometheus package)"
+if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
 
 # A real Keystone for the revocation tests.
 if [ -x "$top/internal/keystonetest/install-deps.sh" ]; then

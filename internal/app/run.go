@@ -9,6 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
+	"runtime/debug"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -27,15 +29,39 @@ type component struct {
 // DefaultShutdownTimeout bounds the whole stop of a process.
 const DefaultShutdownTimeout = 30 * time.Second
 
+// Version is the program's version, the version label of
+// keystone_fanout_build_info. The command sets it (from main.version, given
+// at build time with -ldflags "-X main.version=...") before running anything.
+var Version = "dev"
+
+// buildInfo is keystone_fanout_build_info: always 1, its labels say what runs.
+func buildInfo() prometheus.Collector {
+	revision := "unknown"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" {
+				revision = s.Value
+			}
+		}
+	}
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name:        "keystone_fanout_build_info",
+		Help:        "Always 1; the labels say which build runs (version, Go version, source revision when the build recorded it).",
+		ConstLabels: prometheus.Labels{"version": Version, "goversion": runtime.Version(), "revision": revision},
+	})
+	g.Set(1)
+	return g
+}
+
 // registry returns reg, or a new registry when it is nil, with the Go runtime
-// and process collectors added (once).
+// and process collectors and keystone_fanout_build_info added (once).
 func registry(reg *prometheus.Registry) *prometheus.Registry {
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 	}
-	for _, c := range []prometheus.Collector{collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
+	for _, c := range []prometheus.Collector{collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildInfo()} {
 		if err := reg.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
-			panic(err) // collectors of the client library itself: cannot fail
+			panic(err) // constant collectors: cannot fail
 		}
 	}
 	return reg

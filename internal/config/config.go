@@ -38,6 +38,8 @@ type Set struct {
 	// example is the first flag registered: the help text's example of a
 	// variable, so that it names a flag the command has.
 	example string
+	// name and usage are New's arguments (for Reference).
+	name, usage string
 }
 
 // New returns an empty Set for the subcommand name; usage is printed above the
@@ -45,15 +47,17 @@ type Set struct {
 func New(name, usage string, out io.Writer) *Set {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(out)
-	s := &Set{fs: fs, secrets: map[string]*string{}, files: map[string]*string{}, lists: map[string]*List{}}
+	s := &Set{fs: fs, secrets: map[string]*string{}, files: map[string]*string{}, lists: map[string]*List{},
+		name: name, usage: usage}
 	fs.Usage = func() {
+		if ReferenceHook != nil {
+			ReferenceHook(s)
+			return
+		}
 		fmt.Fprintf(out, "%s\n\nFlags (each also from the environment as %s<FLAG>, for example %s):\n",
 			strings.TrimSpace(usage), EnvPrefix, EnvName(s.example))
 		fs.VisitAll(func(f *flag.Flag) {
-			typ, help := flag.UnquoteUsage(f)
-			if _, ok := f.Value.(*duration); ok {
-				typ = "duration"
-			}
+			typ, help := flagType(f)
 			fmt.Fprintf(out, "  --%s", f.Name)
 			if typ != "" && typ != "value" {
 				fmt.Fprintf(out, " %s", typ)

@@ -388,7 +388,7 @@ func TestFakeErrorsShowInReady(t *testing.T) {
 	if got := metricValue(t, reg, "keystone_fanout_revoke_poll_errors_total", "stage", "list"); got < 2 {
 		t.Errorf("poll_errors_total{stage=list} = %v, want at least 2", got)
 	}
-	if got := metricValue(t, reg, "keystone_fanout_revoke_last_success_timestamp"); got <= 0 {
+	if got := metricValue(t, reg, "keystone_fanout_revoke_last_success_timestamp_seconds"); got <= 0 {
 		t.Errorf("last_success_timestamp = %v, want the time of the last success", got)
 	}
 }

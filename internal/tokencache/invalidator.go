@@ -362,12 +362,9 @@ func (inv *Invalidator) passServers(ctx context.Context, b *matcher, res Result,
 	}
 	err := merr.ErrorOrNil()
 	if b != nil {
-		result := "ok"
-		if err != nil {
-			result = "error"
-		}
-		inv.m.batches.WithLabelValues(string(inv.opts.Strategy), result).Inc()
-		inv.m.batchDuration.WithLabelValues(string(inv.opts.Strategy)).Observe(res.Duration.Seconds())
+		// Calls, failures and durations are the region agent's metrics
+		// (keystone_fanout_agent_invalidations_total, ..._failures_total,
+		// ..._duration_seconds): one counter per fact.
 		lvl := slog.LevelInfo
 		if err != nil {
 			lvl = slog.LevelWarn

@@ -4,12 +4,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// metrics of an Invalidator. Label values are bounded: server is one of the
+// metrics of an Invalidator: what happened on each memcached server. The
+// calls themselves (how many, failed, how long) are counted by the region
+// agent, which knows their pass. Label values are bounded: server is one of the
 // configured servers, strategy one of three, reason an event type this
 // version knows or one of a few fixed words (see reasonOf).
 type metrics struct {
-	batches        *prometheus.CounterVec   // strategy, result
-	batchDuration  *prometheus.HistogramVec // strategy
 	removed        *prometheus.CounterVec   // server, reason
 	kept           *prometheus.CounterVec   // server
 	nonToken       *prometheus.CounterVec   // server
@@ -28,11 +28,6 @@ type metrics struct {
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	const ns, sub = "keystone_fanout", "invalidator"
 	m := &metrics{
-		batches: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "batches_total",
-			Help: "Invalidate calls, by strategy and result (ok: every server finished; error: at least one did not)."}, []string{"strategy", "result"}),
-		batchDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "batch_duration_seconds",
-			Help:    "Duration of Invalidate calls, all servers in parallel.",
-			Buckets: []float64{.001, .0025, .005, .01, .02, .05, .1, .15, .25, .5, 1, 2.5, 5, 10, 30}}, []string{"strategy"}),
 		removed: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "entries_removed_total",
 			Help: "Token cache entries deleted, by server and reason (the event type that matched, revocation, unbounded, unreadable or sweep)."}, []string{"server", "reason"}),
 		kept: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "entries_kept_total",
@@ -61,7 +56,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		serverRestarts: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "server_restarts_total",
 			Help: "memcached restarts noticed (pid or start time changed); the server's index is dropped."}, []string{"server"}),
 	}
-	for _, c := range []prometheus.Collector{m.batches, m.batchDuration, m.removed, m.kept, m.nonToken, m.fetched, m.hidden,
+	for _, c := range []prometheus.Collector{m.removed, m.kept, m.nonToken, m.fetched, m.hidden,
 		m.gone, m.serverErrors, m.crawlDuration, m.crawlBusy, m.flushes, m.indexEntries, m.refreshes, m.serverRestarts} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
