@@ -121,7 +121,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		resolutions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricPrefix + "resolutions_total",
-			Help: "Notifications that do not bound their own effect (CADF group membership changes), by result: resolved (the revocation poller's events covered it; nothing removed for it), source_off (no live, healthy poller: every token entry removed), timeout (no proof within --resolve-wait: every token entry removed).",
+			Help: "Notifications that do not bound their own effect (CADF group membership changes), by result: resolved (the revocation poller's events covered it; nothing removed for it), source_off (no live, healthy poller: every token entry removed), timeout (no proof within --resolve-wait: every token entry removed); stale_proof counts proofs ignored because they cover sequences after their own (made for an earlier copy of the stream).",
 		}, []string{"result"}),
 		resolveWait: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    metricPrefix + "resolve_wait_seconds",

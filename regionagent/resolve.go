@@ -33,9 +33,12 @@ const (
 	resolvedByPoller = "resolved"   // covered by the poller's proof: nothing removed for it
 	resolveSourceOff = "source_off" // no live, healthy poller: every token entry removed
 	resolveTimeout   = "timeout"    // no proof within ResolveWait: every token entry removed
+	// A proof covering sequences after its own (made for an earlier copy of
+	// the stream): ignored.
+	resolveStaleProof = "stale_proof"
 )
 
-var resolveResults = []string{resolvedByPoller, resolveSourceOff, resolveTimeout}
+var resolveResults = []string{resolvedByPoller, resolveSourceOff, resolveTimeout, resolveStaleProof}
 
 // pollerState is what the agent last saw of the poller's lease.
 type pollerState struct {
@@ -133,6 +136,14 @@ type resolver struct {
 func (w *worker) take(it *item, now time.Time) bool {
 	a := w.a
 	switch {
+	case it.ev.Kind == event.KindPolled && it.ev.Polled != nil && it.ev.Polled.Through >= it.seq:
+		// A proof can only cover what was stored before it: this one was
+		// made for an earlier incarnation of the stream. It proves nothing.
+		a.m.resolutions.WithLabelValues(resolveStaleProof).Inc()
+		a.log.Warn("ignoring a revocation poller's proof made for an earlier copy of the stream",
+			"stream_seq", it.seq, "through", it.ev.Polled.Through)
+		a.finish(it)
+		return true
 	case it.ev.Kind == event.KindPolled && it.ev.Polled != nil:
 		through := it.ev.Polled.Through
 		if w.res.polled == nil {

@@ -114,3 +114,27 @@ func TestOneProofCoversSeveral(t *testing.T) {
 		t.Fatalf("resolutions_total{result=resolved} = %v, want 2", got)
 	}
 }
+
+// TestProofOfAnEarlierStreamIgnored: a proof covering sequences after its own
+// was made for an earlier copy of the stream and resolves nothing.
+func TestProofOfAnEarlierStreamIgnored(t *testing.T) {
+	env := newEnv(t)
+	env.setLease(true)
+	inv := &fakeInvalidator{}
+	o := testOptions()
+	o.ResolveWait = 300 * time.Millisecond
+	ra := startAgent(t, env.nc, o, inv)
+	ra.waitBound(t)
+	testutil.Eventually(t, 5*time.Second, "the agent to see the lease", func() (bool, string) {
+		return ra.poller.Load() != nil, "not yet"
+	})
+	env.publish(polled(1000)) // sequence 1, covering up to 1000
+	seqs := env.publish(groupChange("after"))
+	env.waitAcked(seqs[0], 10*time.Second)
+	if got := inv.succeeded()["after"]; got != 1 {
+		t.Fatalf("the notification after a stale proof was invalidated %d times, want 1 (every token entry)", got)
+	}
+	if got := counter(ra.m.resolutions.WithLabelValues(resolveStaleProof)); got != 1 {
+		t.Fatalf("resolutions_total{result=stale_proof} = %v, want 1", got)
+	}
+}

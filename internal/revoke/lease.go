@@ -2,6 +2,8 @@ package revoke
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -32,6 +34,9 @@ type LeaseState struct {
 	// Healthy is true while the holder's polls succeed: its last poll
 	// succeeded, or it began polling less than three intervals ago.
 	Healthy bool `json:"healthy"`
+	// Nonce identifies one holding: a renewal whose answer was lost is
+	// recognised by it.
+	Nonce string `json:"nonce"`
 	// Stream and SubjectPrefix say which stream the holder's progress (the
 	// event.KindPolled events) is published to.
 	Stream        string `json:"stream"`
@@ -55,8 +60,10 @@ func ParseLeaseState(b []byte) (LeaseState, error) {
 
 // lease is one holding of the lease.
 type lease struct {
-	kv  jetstream.KeyValue
-	rev uint64
+	kv    jetstream.KeyValue
+	rev   uint64
+	value []byte // last written
+	nonce string // this holding's
 }
 
 // acquire blocks until this replica holds the lease, or ctx ends (nil, ctx's
@@ -64,7 +71,8 @@ type lease struct {
 // once, a key whose revision stays unchanged for the TTL is taken over.
 func (p *Poller) acquire(ctx context.Context) (*lease, error) {
 	kv := p.store.kv
-	value := p.leaseValue(true)
+	nonce := newNonce()
+	value := p.leaseValue(true, nonce)
 	for {
 		w, err := kv.Watch(ctx, LeaseKey)
 		if err != nil {
@@ -73,7 +81,7 @@ func (p *Poller) acquire(ctx context.Context) (*lease, error) {
 			}
 			return nil, fmt.Errorf("watching the lease: %w", err)
 		}
-		l, err := p.contend(ctx, kv, w, value)
+		l, err := p.contend(ctx, kv, w, value, nonce)
 		_ = w.Stop()
 		if l != nil || err != nil {
 			return l, err
@@ -83,10 +91,13 @@ func (p *Poller) acquire(ctx context.Context) (*lease, error) {
 }
 
 // contend follows one watch of the lease key; it returns the lease once won,
-// (nil, nil) when the watch ends, or ctx's error.
-func (p *Poller) contend(ctx context.Context, kv jetstream.KeyValue, w jetstream.KeyWatcher, value []byte) (*lease, error) {
+// (nil, nil) when the watch ends, or ctx's error. A failed attempt (another
+// replica was faster, or NATS is away) is repeated every LeaseTTL/4 for as
+// long as no holder renews: a dead holder writes nothing that would wake it.
+func (p *Poller) contend(ctx context.Context, kv jetstream.KeyValue, w jetstream.KeyWatcher, value []byte, nonce string) (*lease, error) {
 	var rev uint64 // the holder's last revision seen; 0: no holder
 	var since time.Time
+	retry := p.o.LeaseTTL / 4
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	try := func() *lease {
@@ -98,9 +109,10 @@ func (p *Poller) contend(ctx context.Context, kv jetstream.KeyValue, w jetstream
 			r, err = kv.Update(ctx, LeaseKey, value, rev)
 		}
 		if err != nil {
-			return nil // another replica was faster, or NATS is away: the watch tells
+			timer.Reset(retry)
+			return nil
 		}
-		return &lease{kv: kv, rev: r}
+		return &lease{kv: kv, rev: r, value: value, nonce: nonce}
 	}
 	initial := true
 	for {
@@ -129,35 +141,61 @@ func (p *Poller) contend(ctx context.Context, kv jetstream.KeyValue, w jetstream
 			}
 			rev, since = e.Revision(), time.Now()
 			timer.Reset(p.o.LeaseTTL)
-			p.setReady(nil) // another replica holds it and renews it
+			if !initial {
+				p.setReady(nil) // another replica holds it and renews it
+			}
 		case <-timer.C:
-			if rev != 0 && time.Since(since) >= p.o.LeaseTTL {
-				p.log.Warn("the revocation poller's lease was not renewed in time: taking it over",
-					"ttl", p.o.LeaseTTL)
-				if l := try(); l != nil {
-					return l, nil
-				}
+			if rev != 0 && time.Since(since) < p.o.LeaseTTL {
+				timer.Reset(p.o.LeaseTTL - time.Since(since))
+				continue
+			}
+			if rev != 0 {
+				p.setReady(errors.New("revocation poller: the lease holder stopped renewing; taking it over"))
+				p.log.Warn("the revocation poller's lease was not renewed in time: taking it over", "ttl", p.o.LeaseTTL)
+			}
+			if l := try(); l != nil {
+				return l, nil
 			}
 		}
 	}
 }
 
-// leaseValue is this replica's lease value.
-func (p *Poller) leaseValue(healthy bool) []byte {
+// leaseValue is this replica's lease value for one holding (nonce).
+func (p *Poller) leaseValue(healthy bool, nonce string) []byte {
 	b, _ := json.Marshal(LeaseState{Holder: p.o.Holder, TTLMillis: p.o.LeaseTTL.Milliseconds(), Healthy: healthy,
-		Stream: p.o.Stream, SubjectPrefix: p.o.SubjectPrefix})
+		Nonce: nonce, Stream: p.o.Stream, SubjectPrefix: p.o.SubjectPrefix})
 	return b
 }
 
+func newNonce() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
 // renew writes the lease again; an error means it is lost (another replica
-// holds it) or could not be renewed.
+// holds it) or could not be renewed. A renewal that was stored but whose
+// answer was lost leaves a newer revision: when the key still holds this
+// holding's last value (its nonce), that revision is adopted and written again.
 func (l *lease) renew(ctx context.Context, value []byte) error {
 	rev, err := l.kv.Update(ctx, LeaseKey, value, l.rev)
+	if errors.Is(err, jetstream.ErrKeyExists) {
+		if e, gerr := l.kv.Get(ctx, LeaseKey); gerr == nil && sameHolding(e.Value(), l.value) {
+			rev, err = l.kv.Update(ctx, LeaseKey, value, e.Revision())
+		}
+	}
 	if err != nil {
 		return err
 	}
-	l.rev = rev
+	l.rev, l.value = rev, value
 	return nil
+}
+
+// sameHolding reports whether two lease values were written by one holding.
+func sameHolding(a, b []byte) bool {
+	x, errA := ParseLeaseState(a)
+	y, errB := ParseLeaseState(b)
+	return errA == nil && errB == nil && x.Nonce != "" && x.Nonce == y.Nonce
 }
 
 // release deletes the lease if this holding still has it, so that a standby

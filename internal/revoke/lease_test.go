@@ -3,6 +3,7 @@ package revoke
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"testing"
 	"time"
 
@@ -193,4 +194,31 @@ func TestNotificationTriggersPoll(t *testing.T) {
 	if got := metricValue(t, r.reg, "keystone_fanout_revoke_polled_published_total"); got < 1 {
 		t.Errorf("polled_published_total = %v, want at least 1", got)
 	}
+}
+
+// TestFailingHolderHandsOver: a holder whose polls keep failing (only it
+// cannot reach Keystone) gives the lease up, and a replica that can poll takes
+// it.
+func TestFailingHolderHandsOver(t *testing.T) {
+	broken, good := newFakeKeystone(false), newFakeKeystone(false)
+	defer broken.Close()
+	defer good.Close()
+	broken.mu.Lock()
+	broken.listCode = http.StatusServiceUnavailable
+	broken.mu.Unlock()
+	srv := natsserver.StartTest(t)
+	o := fakeOptions(broken)
+	o.LeaseTTL = 500 * time.Millisecond
+	a := startReplica(t, srv.ClientURL(), o, "a")
+	testutil.Eventually(t, 10*time.Second, "the broken replica holding the lease", func() (bool, string) {
+		return a.holds(t), "not yet"
+	})
+	o = fakeOptions(good)
+	o.LeaseTTL = 500 * time.Millisecond
+	b := startReplica(t, srv.ClientURL(), o, "b")
+	start := time.Now()
+	testutil.Eventually(t, 30*time.Second, "the working replica holding the lease", func() (bool, string) {
+		return b.holds(t) && !a.holds(t) && b.p.Ready() == nil, fmt.Sprint(b.p.Ready())
+	})
+	t.Logf("handed over after %s", time.Since(start).Round(time.Millisecond))
 }

@@ -48,15 +48,19 @@ type Poller struct {
 	// Owned by Run's goroutine.
 	store *positionStore
 	pos   position
-	dirty bool // pos holds published events not yet saved
+	polls int64 // polls made, for a distinct "since"
+	dirty bool  // pos holds published events not yet saved
 
 	// through is the highest stream sequence of a notification not yet
 	// covered by a poll; trigger wakes the polling loop (capacity 1).
 	through atomic.Uint64
 	trigger chan struct{}
+	// following is set while the holder follows the stream's notifications.
+	following atomic.Bool
 
 	mu       sync.Mutex
 	readyErr error
+	lastOK   time.Time // last successful poll
 }
 
 // Poll stages, the label of keystone_fanout_revoke_poll_errors_total.
@@ -190,13 +194,26 @@ func (p *Poller) Run(ctx context.Context) error {
 			continue
 		}
 		bo.Reset()
+		if err := p.reload(ctx); err != nil {
+			p.log.Warn("reloading the revocation position on taking the lease failed; polling from the one loaded before", "err", err)
+		}
 		p.setReady(errors.New("revocation poller: holding the lease, no successful poll yet"))
 		p.m.leaseAcquired.Inc()
 		p.m.leaseHeld.Set(1)
 		p.log.Info("holding the revocation poller's lease: polling Keystone")
-		p.hold(ctx, l, bo)
+		stepDown := p.hold(ctx, l, bo)
 		p.m.leaseHeld.Set(0)
 		p.flush()
+		if stepDown {
+			rctx, cancel := context.WithTimeout(ctx, p.o.RequestTimeout)
+			_ = l.release(rctx)
+			cancel()
+			p.setReady(errors.New("revocation poller: gave the lease up after failing polls"))
+			if !backoff.Sleep(ctx, 2*p.o.LeaseTTL) { // let another replica take it
+				return nil
+			}
+			continue
+		}
 		if ctx.Err() != nil {
 			rctx, cancel := context.WithTimeout(context.Background(), p.o.RequestTimeout)
 			if err := l.release(rctx); err != nil {
@@ -215,11 +232,12 @@ func (p *Poller) Run(ctx context.Context) error {
 // again after each of FollowUps), and after errors with bo's backoff. After
 // the first successful poll that started once notifications up to stream
 // sequence N were stored, it publishes an event.KindPolled event for N.
-func (p *Poller) hold(ctx context.Context, l *lease, bo *backoff.Backoff) {
+func (p *Poller) hold(ctx context.Context, l *lease, bo *backoff.Backoff) (stepDown bool) {
 	hctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	began := time.Now()
+	p.following.Store(false)
 	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }()
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
@@ -230,7 +248,6 @@ func (p *Poller) hold(ctx context.Context, l *lease, bo *backoff.Backoff) {
 		defer wg.Done()
 		p.followNotifications(hctx)
 	}()
-	defer wg.Wait()
 
 	timer := time.NewTimer(0) // poll at once on taking the lease
 	defer timer.Stop()
@@ -238,7 +255,7 @@ func (p *Poller) hold(ctx context.Context, l *lease, bo *backoff.Backoff) {
 	for {
 		select {
 		case <-hctx.Done():
-			return
+			return false
 		case <-p.trigger:
 			if bo.Failures() > 0 {
 				continue // backing off: the next attempt will cover it
@@ -254,7 +271,14 @@ func (p *Poller) hold(ctx context.Context, l *lease, bo *backoff.Backoff) {
 			}
 		}
 		if hctx.Err() != nil {
-			return
+			return false
+		}
+		if !p.healthy(began) && time.Since(p.lastSuccess()) > p.unhealthyBound() && time.Since(began) > p.unhealthyBound() {
+			// This replica may be the only one that cannot reach Keystone
+			// (a route, a CA file, a rotated password): let another try.
+			p.log.Warn("the revocation poller's polls keep failing: handing the lease to another replica",
+				"failing_for", p.unhealthyBound())
+			return true
 		}
 		next := start.Add(p.o.PollInterval)
 		if err != nil {
@@ -294,7 +318,7 @@ func (p *Poller) renew(ctx context.Context, l *lease, began time.Time) {
 		case <-t.C:
 		}
 		rctx, cancel := context.WithTimeout(ctx, p.o.LeaseTTL/2)
-		err := l.renew(rctx, p.leaseValue(p.healthy(began)))
+		err := l.renew(rctx, p.leaseValue(p.healthy(began), l.nonce))
 		cancel()
 		switch {
 		case err == nil:
@@ -310,12 +334,28 @@ func (p *Poller) renew(ctx context.Context, l *lease, began time.Time) {
 	}
 }
 
-// healthy reports whether polls succeed: the last one did, or this holding
-// began less than three intervals ago.
+// healthy reports whether this holding can resolve notifications: it follows
+// the stream's notifications and its last poll succeeded, or it began less
+// than three intervals ago.
 func (p *Poller) healthy(began time.Time) bool {
+	if time.Since(began) < 3*p.o.PollInterval {
+		return true
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.readyErr == nil || time.Since(began) < 3*p.o.PollInterval
+	return p.readyErr == nil && p.following.Load()
+}
+
+// unhealthyBound is how long a holder whose polls fail keeps the lease.
+func (p *Poller) unhealthyBound() time.Duration {
+	return max(10*p.o.PollInterval, 4*p.o.LeaseTTL)
+}
+
+// lastSuccess is when a poll last succeeded (zero: never).
+func (p *Poller) lastSuccess() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.lastOK
 }
 
 // followNotifications makes every notification stored in the stream trigger
@@ -337,9 +377,23 @@ func (p *Poller) followNotifications(ctx context.Context) {
 				}
 			})
 			if err == nil {
-				<-ctx.Done()
-				cc.Stop()
-				return
+				// Notifications stored before the consumer began (while the
+				// lease changed hands) count as seen: the next poll covers them.
+				p.through.Store(0)
+				if s, serr := p.js.Stream(ctx, p.o.Stream); serr == nil {
+					p.noteNotification(s.CachedInfo().State.LastSeq)
+				}
+				p.following.Store(true)
+				retry.Reset()
+				select {
+				case <-ctx.Done():
+					cc.Stop()
+					p.following.Store(false)
+					return
+				case <-cc.Closed():
+					err = errors.New("the consumer following the notifications stopped")
+				}
+				p.following.Store(false)
 			}
 		}
 		if errors.Is(err, nats.ErrConnectionClosed) {
@@ -420,6 +474,20 @@ func (p *Poller) open(ctx context.Context) error {
 	return nil
 }
 
+// reload merges the stored position into this replica's, on taking the
+// lease: another holder may have published much since this one loaded it.
+func (p *Poller) reload(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, p.o.RequestTimeout)
+	defer cancel()
+	stored, err := p.store.load(ctx)
+	if err != nil {
+		return err
+	}
+	p.pos.merge(stored)
+	p.setPositionGauge()
+	return nil
+}
+
 // poll lists the events since the position, publishes the new ones in
 // revoked_at order, and saves the position. It returns the failed stage.
 func (p *Poller) poll(ctx context.Context) (string, error) {
@@ -429,7 +497,13 @@ func (p *Poller) poll(ctx context.Context) (string, error) {
 			return stageAuth, err
 		}
 	}
+	// Keystone caches its answer by "since" ([revoke] caching); a since
+	// of its own, a few microseconds earlier each poll, asks the database.
+	p.polls++
 	since := p.pos.since(p.o.Overlap)
+	if !since.IsZero() { // zero: no position yet, every event
+		since = since.Add(-time.Duration(p.polls%1000) * time.Microsecond)
+	}
 	raw, err := p.ks.listEvents(ctx, since)
 	var se *httpStatusError
 	if errors.As(err, &se) && se.status == http.StatusUnauthorized {
@@ -576,6 +650,7 @@ func (p *Poller) succeeded(bo *backoff.Backoff) {
 	p.mu.Lock()
 	was := p.readyErr
 	p.readyErr = nil
+	p.lastOK = time.Now()
 	p.mu.Unlock()
 	if bo.Failures() > 0 {
 		p.log.Info("revocation polling recovered", "after_failures", bo.Failures(), "last_err", was)
