@@ -44,7 +44,7 @@ if [ ! -e "$policy" ]; then
 fi
 
 packages=(memcached)
-$tests && packages+=(python3-keystonemiddleware python3-memcache python3-oslo.cache)
+$tests && packages+=(python3-keystonemiddleware python3-memcache python3-oslo.cache python3-oslo.config)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -85,6 +85,10 @@ fi
 # Debian's interpreter (the python3 first on PATH may be another one).
 /usr/bin/python3 -c 'import keystonemiddleware.auth_token._cache, memcache' ||
   die "Debian's /usr/bin/python3 cannot import keystonemiddleware"
+# The --oslo-config tests compare their reading of keystone.conf and nova.conf
+# with oslo.config's own.
+/usr/bin/python3 -c 'import oslo_config.cfg' ||
+  die "Debian's /usr/bin/python3 cannot import oslo_config"
 
 # A real Keystone for the revocation tests.
 if [ -x "$top/internal/keystonetest/install-deps.sh" ]; then
