@@ -54,6 +54,14 @@ func (f *agentFlags) registerAgent(s *config.Set) {
 	s.String(&a.JetStreamDomain, "js-domain", "", "JetStream domain of the stream, when reached through a leaf node")
 }
 
+// register registers every flag of `keystone-fanout agent`.
+func (f *agentFlags) register(s *config.Set) {
+	f.common.register(s, "127.0.0.1:9091")
+	f.registerAgent(s)
+	s.String(&f.o.Agent.Stream, "stream", regionagent.DefaultStream, "JetStream stream carrying the events")
+	registerNATS(s, &f.o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s) of the stream, comma-separated")
+}
+
 // finish applies what needs more than one flag, after parsing.
 func (f *agentFlags) finish() error {
 	if err := f.oslo.apply(agentSide); err != nil {
@@ -75,10 +83,7 @@ func (f *agentFlags) finish() error {
 func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	var f agentFlags
 	s := config.New("agent", agentUsage, stderr)
-	f.common.register(s, "127.0.0.1:9091")
-	f.registerAgent(s)
-	s.String(&f.o.Agent.Stream, "stream", regionagent.DefaultStream, "JetStream stream carrying the events")
-	registerNATS(s, &f.o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s) of the stream, comma-separated")
+	f.register(s)
 	if err := s.Parse(args, getenv); err != nil {
 		return parseErr(err)
 	}

@@ -137,3 +137,15 @@ func (o *osloConfig) logNotes(log *slog.Logger) {
 		log.Info("--oslo-config: an option applies differently", "option", n.Where.String(), "note", n.Text)
 	}
 }
+
+// noteTexts are the notes as "file [section] option: text".
+func (o *osloConfig) noteTexts() []string {
+	if o == nil {
+		return nil
+	}
+	out := make([]string, len(o.notes))
+	for i, n := range o.notes {
+		out[i] = n.String()
+	}
+	return out
+}
