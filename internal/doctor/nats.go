@@ -281,12 +281,12 @@ func (s *natsSession) kvOps(ctx context.Context, bucket, key string) []op {
 	return []op{
 		{name: "read " + bucket + "/" + key, subject: "KV_" + bucket,
 			allow: s.api + "DIRECT.GET." + stream + ".> (or " + s.api + "STREAM.MSG.GET." + stream + ")", try: func(ctx context.Context) error {
-			_, err := kv.Get(ctx, key)
-			if errors.Is(err, jetstream.ErrKeyNotFound) {
-				return nil
-			}
-			return err
-		}},
+				_, err := kv.Get(ctx, key)
+				if errors.Is(err, jetstream.ErrKeyNotFound) {
+					return nil
+				}
+				return err
+			}},
 		{name: "write " + bucket + "/" + key, subject: "$KV." + bucket + "." + key, try: func(ctx context.Context) error {
 			_, err := kv.Update(ctx, key, []byte("doctor"), 1<<62)
 			var ae *jetstream.APIError
