@@ -54,14 +54,25 @@ func keystone(ctx context.Context, o *revoke.Options, timeout time.Duration, r *
 		f.Fix = "give --keystone-url as Keystone's v3 endpoint, for example https://keystone:5000/v3"
 	}
 	r.add(f)
-	clockKeystone(resp.Header.Get("Date"), sent, got, r)
 
-	events, step, err := revoke.CheckAccess(ctx, *o)
+	access, step, err := revoke.CheckAccess(ctx, *o)
+	switch {
+	case !access.IssuedAt.IsZero():
+		clockKeystone("its token's issued_at", access.IssuedAt, access.Sent, access.Received, r)
+	case resp.Header.Get("Date") != "":
+		date, derr := http.ParseTime(resp.Header.Get("Date"))
+		if derr == nil {
+			clockKeystone("its HTTP Date", date, sent, got, r)
+		}
+	default:
+		r.add(Finding{Check: "clock", Target: "Keystone", Level: LevelInfo,
+			Summary: "Keystone gave no timestamp (no token, no HTTP Date header): clock skew cannot be told"})
+	}
 	a := Finding{Check: "keystone.access", Target: target}
 	switch status := revoke.HTTPStatus(err); {
 	case err == nil:
 		a.Level = LevelOK
-		a.Summary = fmt.Sprintf("authenticated, and listed %d revocation event(s) of the last minute", events)
+		a.Summary = fmt.Sprintf("authenticated, and listed %d revocation event(s) of the last minute", access.Events)
 	case step == revoke.StepAuthenticate && status == http.StatusUnauthorized:
 		a.Level = LevelFail
 		a.Summary = "Keystone refused the poller's credentials (HTTP 401)"
@@ -78,26 +89,22 @@ func keystone(ctx context.Context, o *revoke.Options, timeout time.Duration, r *
 	r.add(a)
 }
 
-// clockKeystone compares Keystone's HTTP Date with this host's clock. Date
-// has whole seconds: only a difference beyond a second and the round trip
-// tells.
-func clockKeystone(date string, sent, got time.Time, r *Report) {
-	t, err := http.ParseTime(date)
-	if err != nil {
-		r.add(Finding{Check: "clock", Target: "Keystone", Level: LevelInfo, Summary: "Keystone's answer has no Date header: clock skew cannot be told"})
-		return
-	}
+// clockKeystone compares a Keystone timestamp (whole seconds: its HTTP Date,
+// or a token's issued_at), taken between sent and got by this host's clock,
+// with this host's clock: only a difference beyond a second and the round
+// trip tells.
+func clockKeystone(source string, t, sent, got time.Time, r *Report) {
 	mid := sent.Add(got.Sub(sent) / 2)
-	// Date is truncated to the second: compare with the middle of it.
-	skew := t.Add(500 * time.Millisecond).Sub(mid)
+	// t is truncated to the second: compare with the middle of it.
+	skew := t.Truncate(time.Second).Add(500 * time.Millisecond).Sub(mid)
 	slack := 500*time.Millisecond + got.Sub(sent)/2
 	f := Finding{Check: "clock", Target: "Keystone", Level: LevelOK}
 	if skew.Abs() <= slack {
-		f.Summary = fmt.Sprintf("Keystone's clock and this host's agree within %s", slack.Round(10*time.Millisecond))
+		f.Summary = fmt.Sprintf("Keystone's clock (%s) and this host's agree within %s", source, slack.Round(10*time.Millisecond))
 		r.add(f)
 		return
 	}
-	f.Summary = fmt.Sprintf("Keystone's clock is about %s %s this host's", skewText(skew), aheadBehind(skew))
+	f.Summary = fmt.Sprintf("Keystone's clock (%s) is about %s %s this host's", source, skewText(skew), aheadBehind(skew))
 	if skew.Abs() > 2*time.Second {
 		f.Level = LevelWarn
 		f.Detail = "Latencies measured from Keystone's own timestamps (the from=\"keystone\" latency histograms) are off by as much; " +
