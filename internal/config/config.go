@@ -57,8 +57,8 @@ func New(name, usage string, out io.Writer) *Set {
 	fs.Usage = func() {
 		fmt.Fprintf(out, "%s\n\n", strings.TrimSpace(usage))
 		if s.fileLayer != "" {
-			fmt.Fprintf(out, "Each setting comes from, in order of precedence: its flag, its environment variable\n"+
-				"%s<FLAG> (for example %s), the files of --%s, its default.\n\nFlags:\n",
+			fmt.Fprintf(out, "Each setting comes from, in order of precedence: its flag; its environment variable\n"+
+				"%s<FLAG> (for example %s);\nthe files of --%s; its default.\n\nFlags:\n",
 				EnvPrefix, EnvName(s.example), s.fileLayer)
 		} else {
 			fmt.Fprintf(out, "Flags (each also from the environment as %s<FLAG>, for example %s):\n",

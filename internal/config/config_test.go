@@ -236,8 +236,8 @@ func TestHelpNamesTheFileLayer(t *testing.T) {
 	if err := s.Parse([]string{"--help"}, func(string) string { return "" }); !errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("err %v", err)
 	}
-	want := "Each setting comes from, in order of precedence: its flag, its environment variable\n" +
-		"KEYSTONE_FANOUT_<FLAG> (for example KEYSTONE_FANOUT_AMQP_URL), the files of --oslo-config, its default."
+	want := "Each setting comes from, in order of precedence: its flag; its environment variable\n" +
+		"KEYSTONE_FANOUT_<FLAG> (for example KEYSTONE_FANOUT_AMQP_URL);\nthe files of --oslo-config; its default."
 	if !strings.Contains(out.String(), want) {
 		t.Fatalf("help:\n%s\nwant %q", out.String(), want)
 	}
