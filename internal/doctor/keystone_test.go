@@ -2,22 +2,71 @@ package doctor
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/keystone-fanout/keystone-fanout/bridge"
 	"github.com/keystone-fanout/keystone-fanout/internal/keystonetest"
+	"github.com/keystone-fanout/keystone-fanout/internal/osloconfig"
 	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
-// TestKeystone checks the poller's Keystone (a real one, over TLS) with the
-// admin, with a wrong password, and with a user whose role the policy does
-// not allow to list revocation events.
+// TestKeystone runs a real Keystone (over TLS, publishing its notifications
+// to the test RabbitMQ). It checks the poller's access with the admin, with a
+// wrong password, and with a user whose role the policy does not allow to
+// list revocation events; and the bridge's RabbitMQ checks with the options
+// --oslo-config takes from that Keystone's own keystone.conf, after a change
+// in Keystone.
 func TestKeystone(t *testing.T) {
 	ctx := context.Background()
-	ks := keystonetest.StartTest(t, keystonetest.Options{TLS: true})
+	r := newRabbit(t)
+	ks := keystonetest.StartTest(t, keystonetest.Options{TLS: true, Notifications: &keystonetest.Notifications{
+		TransportURL:    "rabbit://" + strings.TrimPrefix(testutil.AMQPURL(), "amqp://"),
+		ControlExchange: r.exchange,
+		Topics:          r.topic,
+	}})
+	t.Run("its own keystone.conf: notifications arrive", func(t *testing.T) {
+		st, err := osloconfig.Load([]string{filepath.Join(ks.Dir, "keystone.conf")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		set := osloconfig.Bridge(st)
+		if len(set.Errs) > 0 {
+			t.Fatal(set.Errs)
+		}
+		urls, err := bridge.ParseAMQPURLs(set.Flags["amqp-url"].Values)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o := r.options("", "", "")
+		o.AMQPURLs, o.Exchange, o.RoutingKeys = urls, set.Flags["exchange"].Values[0], set.Flags["routing-key"].Values
+		o.DataDir = t.TempDir()
+		r.bridgeQueue(t) // as the bridge would at its first start
+		if _, err := ks.CreateProject(ctx, keystonetest.UniqueName("doctor")); err != nil {
+			t.Fatal(err)
+		}
+		var rep *Report
+		testutil.Eventually(t, 30*time.Second, "Keystone's notification in the bridge's queue", func() (bool, string) {
+			rep = Bridge(ctx, o)
+			q := find(rep, "rabbitmq.queue", "")
+			return len(q) == 1 && q[0].Level == LevelOK, fmt.Sprint(q)
+		})
+		var text strings.Builder
+		_ = rep.WriteText(&text)
+		t.Log("\n" + text.String())
+		for _, w := range []want{
+			{"rabbitmq.exchange", LevelOK, "exists"},
+			{"rabbitmq.queue", LevelOK, "notification(s) waiting, none consumed"},
+			{"rabbitmq.notifier-queue", LevelWarn, "and no consumer"},
+		} {
+			w.in(t, rep)
+		}
+	})
 	projectName := keystonetest.UniqueName("doctor")
 	project, err := ks.CreateProject(ctx, projectName)
 	if err != nil {
