@@ -137,6 +137,16 @@ func TestAgent(t *testing.T) {
 			want:     []want{{"memcached.connect", LevelFail, "--memcached-tls and --memcached-tls-ca"}},
 		},
 		{
+			name: "an agent with TLS and memcached without",
+			setup: func(t *testing.T) AgentOptions {
+				o := opts(memcachetest.Start(t, 1), "agent", "agent-pw")
+				o.Memcache.TLS = memcache.TLSOptions{Enabled: true, CAFile: memcachetest.StartWith(t, 1, memcachetest.Options{TLS: true})[0].CAFile}
+				return o
+			},
+			blocking: true,
+			want:     []want{{"memcached.connect", LevelFail, "The server does not speak TLS"}},
+		},
+		{
 			name: "NATS user that may only read",
 			setup: func(t *testing.T) AgentOptions {
 				return opts(memcachetest.Start(t, 1), "ro", "ro-pw")
