@@ -16,7 +16,9 @@ Runs in a region whose services cache token validations in memcached. Consumes t
 stream through a durable consumer named after the region, removes the cache entries
 each event concerns from every memcached server of the region, and acknowledges an
 event only after that. After a restart it replays what it missed; when the stream no
-longer holds events the region missed, it removes every token entry.`
+longer holds events the region missed, it removes every token entry. With --oslo-config
+/etc/nova/nova.conf it takes the memcached servers, their TLS and token_cache_time from
+a service's [keystone_authtoken].`
 
 // agentFlags maps `keystone-fanout agent` flags onto its options.
 type agentFlags struct {
@@ -54,8 +56,19 @@ func (f *agentFlags) registerAgent(s *config.Set) {
 	s.String(&a.PollerBucket, "poller-bucket", regionagent.DefaultPollerBucket, "key-value bucket of the revocation poller's lease (the bridge's --keystone-url poller)")
 }
 
+// register registers every flag of `keystone-fanout agent`.
+func (f *agentFlags) register(s *config.Set) {
+	f.common.register(s, "127.0.0.1:9091")
+	f.registerAgent(s)
+	s.String(&f.o.Agent.Stream, "stream", regionagent.DefaultStream, "JetStream stream carrying the events")
+	registerNATS(s, &f.o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s) of the stream, comma-separated")
+}
+
 // finish applies what needs more than one flag, after parsing.
 func (f *agentFlags) finish() error {
+	if err := f.oslo.apply(agentSide); err != nil {
+		return err
+	}
 	st, err := tokencache.ParseStrategy(f.strategy)
 	if err != nil {
 		return err
@@ -72,10 +85,7 @@ func (f *agentFlags) finish() error {
 func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	var f agentFlags
 	s := config.New("agent", agentUsage, stderr)
-	f.common.register(s, "127.0.0.1:9091")
-	f.registerAgent(s)
-	s.String(&f.o.Agent.Stream, "stream", regionagent.DefaultStream, "JetStream stream carrying the events")
-	registerNATS(s, &f.o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s) of the stream, comma-separated")
+	f.register(s)
 	if err := s.Parse(args, getenv); err != nil {
 		return parseErr(err)
 	}
@@ -87,7 +97,7 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 		return err
 	}
 	if err := f.o.Validate(); err != nil {
-		return usageError{err}
+		return usageError{f.oslo.explain(err)}
 	}
 	return app.RunAgent(ctx, f.o, log)
 }
@@ -131,7 +141,7 @@ func runAllInOne(ctx context.Context, args []string, stdout, stderr io.Writer, g
 		o.Bridge.Revoke = &r
 	}
 	if err := o.Validate(); err != nil {
-		return usageError{err}
+		return usageError{bf.oslo.explain(err)}
 	}
 	return app.RunAllInOne(ctx, o, log)
 }

@@ -21,7 +21,9 @@ Runs in regionOne. Consumes Keystone's notifications from its own durable Rabbit
 queue bound to Keystone's exchange, normalises them and publishes each to a NATS
 JetStream stream with Nats-Msg-Id = the oslo message_id, acknowledging RabbitMQ only
 after JetStream did. Without --nats-url it runs an embedded NATS server.
-With --keystone-url it also polls Keystone's revocation events.`
+With --keystone-url it also polls Keystone's revocation events. With --oslo-config
+/etc/keystone/keystone.conf it takes the brokers, their TLS, the exchange and the
+topics from Keystone's own configuration.`
 
 func runBridge(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	var f bridgeFlags
@@ -43,7 +45,7 @@ func runBridge(ctx context.Context, args []string, stdout, stderr io.Writer, get
 		o.Revoke = &r
 	}
 	if err := o.Validate(); err != nil {
-		return usageError{err}
+		return usageError{f.oslo.explain(err)}
 	}
 	return app.RunBridge(ctx, o, log)
 }

@@ -22,6 +22,7 @@ type common struct {
 	logFormat, logLevel string
 	httpAddr            string
 	shutdown            time.Duration
+	oslo                *osloConfig // --oslo-config (oslo.go)
 }
 
 func (c *common) register(s *config.Set, httpDefault string) {
@@ -29,10 +30,16 @@ func (c *common) register(s *config.Set, httpDefault string) {
 	s.String(&c.logFormat, "log-format", "json", "log format: json or text")
 	s.String(&c.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	s.Duration(&c.shutdown, "shutdown-timeout", 30*time.Second, "how long a stop (SIGTERM) may take in all; in-flight work is drained within it")
+	c.oslo = &osloConfig{}
+	c.oslo.register(s)
 }
 
 func (c *common) logger(w io.Writer) (*slog.Logger, error) {
-	return newLogger(w, c.logFormat, c.logLevel)
+	log, err := newLogger(w, c.logFormat, c.logLevel)
+	if err == nil {
+		c.oslo.logNotes(log)
+	}
+	return log, err
 }
 
 // registerTLS registers --<prefix>-tls-ca, -cert, -key and -server-name, the
@@ -129,6 +136,9 @@ func (f *bridgeFlags) register(s *config.Set) {
 
 // finish applies what needs more than one flag, after parsing.
 func (f *bridgeFlags) finish() error {
+	if err := f.oslo.apply(bridgeSide); err != nil {
+		return err
+	}
 	f.b.ShutdownTimeout = min(f.shutdown/2, bridge.DefaultShutdownTimeout)
 	if f.amqpURLFile != "" {
 		b, err := os.ReadFile(f.amqpURLFile)

@@ -32,6 +32,7 @@ Commands:
   all-in-one  the embedded NATS server, the bridge and one agent in one process
   status      the stream and every region's position in it
   sweep       make every region remove every token entry once (changes Keystone does not announce)
+  doctor      check a bridge's or an agent's deployment before it goes live, with fixes
   version     print the version
 
 Run 'keystone-fanout <command> --help' for a command's flags. Every flag can also be
@@ -49,6 +50,7 @@ var commands = map[string]command{
 	"all-in-one": runAllInOne,
 	"status":     runStatus,
 	"sweep":      runSweep,
+	"doctor":     runDoctor,
 }
 
 func main() {

@@ -31,12 +31,19 @@ func renderReference(t *testing.T) []byte {
 	defer func() { config.ReferenceHook = nil }()
 	names := make([]string, 0, len(commands))
 	for name := range commands {
-		names = append(names, name)
-		if code := run([]string{name, "--help"}, io.Discard, io.Discard, func(string) string { return "" }); code != 0 {
-			t.Fatalf("%s --help: exit status %d", name, code)
+		args := [][]string{{name}}
+		if name == "doctor" { // a command per component
+			args = [][]string{{name, "bridge"}, {name, "agent"}}
 		}
-		if sets[name] == nil {
-			t.Fatalf("%s --help did not show its flags through internal/config", name)
+		for _, a := range args {
+			full := strings.Join(a, " ")
+			names = append(names, full)
+			if code := run(append(a, "--help"), io.Discard, io.Discard, func(string) string { return "" }); code != 0 {
+				t.Fatalf("%s --help: exit status %d", full, code)
+			}
+			if sets[full] == nil {
+				t.Fatalf("%s --help did not show its flags through internal/config", full)
+			}
 		}
 	}
 	sort.Slice(names, func(i, j int) bool {
@@ -76,7 +83,7 @@ list.
 
 `)
 	for _, name := range names {
-		fmt.Fprintf(&b, "- [`%s`](#keystone-fanout-%s)\n", name, name)
+		fmt.Fprintf(&b, "- [`%s`](#keystone-fanout-%s)\n", name, strings.ReplaceAll(name, " ", "-"))
 	}
 	for _, name := range names {
 		s := sets[name]

@@ -46,7 +46,7 @@ if [ ! -e "$policy" ]; then
 fi
 
 packages=(memcached)
-$tests && packages+=(python3-keystonemiddleware python3-memcache python3-oslo.cache prometheus)
+$tests && packages+=(python3-keystonemiddleware python3-memcache python3-oslo.cache python3-oslo.config prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -87,6 +87,10 @@ fi
 # Debian's interpreter (the python3 first on PATH may be another one).
 /usr/bin/python3 -c 'import keystonemiddleware.auth_token._cache, memcache' ||
   die "Debian's /usr/bin/python3 cannot import keystonemiddleware"
+# The --oslo-config tests compare their reading of keystone.conf and nova.conf
+# with oslo.config's own.
+/usr/bin/python3 -c 'import oslo_config.cfg' ||
+  die "Debian's /usr/bin/python3 cannot import oslo_config"
 
 # promtool checks and unit-tests deploy/prometheus's alert rules. The package's
 # Prometheus service is never started (policy-rc.d above); stop it should a

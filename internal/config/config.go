@@ -6,7 +6,10 @@
 //   - a secret flag --x also has --x-file (KEYSTONE_FANOUT_X_FILE): the secret is
 //     read from that file, trailing newlines removed, so that it never has to be
 //     on a command line or in the environment;
-//   - repeatable flags accept several occurrences and comma-separated values.
+//   - repeatable flags accept several occurrences and comma-separated values;
+//   - a command with a file layer (Set.Files, --oslo-config) fills the flags
+//     given neither on the command line nor in the environment from files
+//     (Set.Fill), before the defaults apply.
 package config
 
 import (
@@ -40,6 +43,11 @@ type Set struct {
 	example string
 	// name and usage are New's arguments (for Reference).
 	name, usage string
+	// explicit holds the flags given on the command line or in the
+	// environment (a secret also when its -file twin was given).
+	explicit map[string]bool
+	// fileLayer is the flag naming the files of Fill, when there is one.
+	fileLayer string
 }
 
 // New returns an empty Set for the subcommand name; usage is printed above the
@@ -54,8 +62,15 @@ func New(name, usage string, out io.Writer) *Set {
 			ReferenceHook(s)
 			return
 		}
-		fmt.Fprintf(out, "%s\n\nFlags (each also from the environment as %s<FLAG>, for example %s):\n",
-			strings.TrimSpace(usage), EnvPrefix, EnvName(s.example))
+		fmt.Fprintf(out, "%s\n\n", strings.TrimSpace(usage))
+		if s.fileLayer != "" {
+			fmt.Fprintf(out, "Each setting comes from, in order of precedence: its flag; its environment variable\n"+
+				"%s<FLAG> (for example %s);\nthe files of --%s; its default.\n\nFlags:\n",
+				EnvPrefix, EnvName(s.example), s.fileLayer)
+		} else {
+			fmt.Fprintf(out, "Flags (each also from the environment as %s<FLAG>, for example %s):\n",
+				EnvPrefix, EnvName(s.example))
+		}
 		fs.VisitAll(func(f *flag.Flag) {
 			typ, help := flagType(f)
 			fmt.Fprintf(out, "  --%s", f.Name)
@@ -164,6 +179,7 @@ func (s *Set) Parse(args []string, getenv func(string) string) error {
 	}
 	given := map[string]bool{}
 	s.fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	s.explicit = given
 	var errs []error
 	s.fs.VisitAll(func(f *flag.Flag) {
 		if given[f.Name] {
@@ -179,6 +195,7 @@ func (s *Set) Parse(args []string, getenv func(string) string) error {
 		if err := s.fs.Set(f.Name, v); err != nil {
 			errs = append(errs, fmt.Errorf("%s=%q: %w", EnvName(f.Name), v, err))
 		}
+		given[f.Name] = true
 	})
 	names := make([]string, 0, len(s.files))
 	for n := range s.files {
@@ -200,8 +217,38 @@ func (s *Set) Parse(args []string, getenv func(string) string) error {
 			continue
 		}
 		*s.secrets[name] = strings.TrimRight(string(b), "\r\n")
+		given[name] = true
 	}
 	return errors.Join(errs...)
+}
+
+// Files registers the repeatable flag naming the files of the layer between
+// the environment and the defaults (see Fill); --help then says the order.
+func (s *Set) Files(p *[]string, name, usage string) {
+	s.List(p, name, nil, usage)
+	s.fileLayer = name
+}
+
+// Explicit reports whether flag name was given on the command line or in the
+// environment (after Parse).
+func (s *Set) Explicit(name string) bool { return s.explicit[name] }
+
+// Fill sets flag name from the file layer, after Parse, unless it is Explicit:
+// a repeatable flag gets every value, replacing its default. from names where
+// the values come from, for the error of a value that does not parse.
+func (s *Set) Fill(name, from string, values ...string) error {
+	if s.Explicit(name) || len(values) == 0 {
+		return nil
+	}
+	if l, isList := s.lists[name]; isList {
+		l.reset()
+	}
+	for _, v := range values {
+		if err := s.fs.Set(name, v); err != nil {
+			return fmt.Errorf("--%s from %s: %w", name, from, err)
+		}
+	}
+	return nil
 }
 
 func lookup(getenv func(string) string, name string) (string, bool) {

@@ -165,3 +165,80 @@ func TestUsageExampleNamesAFlagOfTheCommand(t *testing.T) {
 		})
 	}
 }
+
+// TestFillLayer: a flag is taken from its flag, else its variable, else the
+// file layer, else its default.
+func TestFillLayer(t *testing.T) {
+	secret := filepath.Join(t.TempDir(), "pw")
+	if err := os.WriteFile(secret, []byte("from-secret-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	file := map[string][]string{
+		"exchange":       {"file-exchange"},
+		"amqp-url":       {"rabbit://u:p@h1:5672,u:p@h2:5672/vh?ssl=1"},
+		"publish-window": {"7"},
+		"nats-password":  {"file-password"},
+	}
+	def := settings{URLs: []string{"amqp://localhost"}, Exchange: "keystone", Window: 256, Age: 24 * time.Hour}
+	for _, tc := range []struct {
+		name string
+		args []string
+		env  map[string]string
+		fill map[string][]string
+		want settings
+	}{
+		{name: "default", want: def},
+		{name: "file over default", fill: file,
+			want: settings{URLs: []string{"rabbit://u:p@h1:5672,u:p@h2:5672/vh?ssl=1"}, Exchange: "file-exchange", Window: 7, Age: 24 * time.Hour, Password: "file-password"}},
+		{name: "environment over file", fill: file,
+			env:  map[string]string{"KEYSTONE_FANOUT_EXCHANGE": "env-exchange", "KEYSTONE_FANOUT_AMQP_URL": "amqp://env"},
+			want: settings{URLs: []string{"amqp://env"}, Exchange: "env-exchange", Window: 7, Age: 24 * time.Hour, Password: "file-password"}},
+		{name: "flag over environment and file", fill: file,
+			args: []string{"--exchange=flag-exchange", "--publish-window=9"},
+			env:  map[string]string{"KEYSTONE_FANOUT_EXCHANGE": "env-exchange"},
+			want: settings{URLs: []string{"rabbit://u:p@h1:5672,u:p@h2:5672/vh?ssl=1"}, Exchange: "flag-exchange", Window: 9, Age: 24 * time.Hour, Password: "file-password"}},
+		{name: "secret file flag over file", fill: file, args: []string{"--nats-password-file=" + secret},
+			want: settings{URLs: []string{"rabbit://u:p@h1:5672,u:p@h2:5672/vh?ssl=1"}, Exchange: "file-exchange", Window: 7, Age: 24 * time.Hour, Password: "from-secret-file"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got settings
+			s := newSet(&got)
+			if err := s.Parse(tc.args, func(k string) string { return tc.env[k] }); err != nil {
+				t.Fatal(err)
+			}
+			for name, vals := range tc.fill {
+				if err := s.Fill(name, "keystone.conf", vals...); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+	var st settings
+	s := newSet(&st)
+	if err := s.Parse(nil, func(string) string { return "" }); err != nil {
+		t.Fatal(err)
+	}
+	err := s.Fill("publish-window", "nova.conf [x] y", "many")
+	if err == nil || !strings.Contains(err.Error(), "--publish-window from nova.conf [x] y: ") {
+		t.Fatalf("error %v, want one naming the flag and the origin", err)
+	}
+}
+
+func TestHelpNamesTheFileLayer(t *testing.T) {
+	var out strings.Builder
+	var files []string
+	s := New("bridge", "Usage: keystone-fanout bridge", &out)
+	s.String(new(string), "amqp-url", "", "broker")
+	s.Files(&files, "oslo-config", "oslo.config files")
+	if err := s.Parse([]string{"--help"}, func(string) string { return "" }); !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("err %v", err)
+	}
+	want := "Each setting comes from, in order of precedence: its flag; its environment variable\n" +
+		"KEYSTONE_FANOUT_<FLAG> (for example KEYSTONE_FANOUT_AMQP_URL);\nthe files of --oslo-config; its default."
+	if !strings.Contains(out.String(), want) {
+		t.Fatalf("help:\n%s\nwant %q", out.String(), want)
+	}
+}

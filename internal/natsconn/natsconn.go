@@ -182,30 +182,11 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 			log.Warn("NATS asynchronous error", "subject", subject, "err", err)
 		}),
 	}
-	if o.InboxPrefix != "" {
-		opts = append(opts, nats.CustomInboxPrefix(o.InboxPrefix))
+	sec, err := Security(o)
+	if err != nil {
+		return nil, err
 	}
-	if o.CAFile != "" || o.CertFile != "" || o.TLSServerName != "" {
-		cfg, err := tlsConfig(o)
-		if err != nil {
-			return nil, err
-		}
-		opts = append(opts, nats.Secure(cfg))
-	}
-	switch {
-	case o.CredsFile != "":
-		opts = append(opts, nats.UserCredentials(o.CredsFile))
-	case o.NKeySeedFile != "":
-		opt, err := nats.NkeyOptionFromSeed(o.NKeySeedFile)
-		if err != nil {
-			return nil, fmt.Errorf("--nats-nkey-file: %w", err)
-		}
-		opts = append(opts, opt)
-	case o.User != "" || o.Password != "":
-		opts = append(opts, nats.UserInfo(o.User, o.Password))
-	case o.Token != "":
-		opts = append(opts, nats.Token(o.Token))
-	}
+	opts = append(opts, sec...)
 	if o.KeepTrying {
 		nc, err := nats.Connect(o.URL, append(opts, nats.RetryOnFailedConnect(true))...)
 		if err != nil {
@@ -235,6 +216,39 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// Security returns the nats.go options for o's reply prefix, TLS files and
+// credentials
+// (Connect uses them; keystone-fanout doctor connects with them and its own
+// error handler).
+func Security(o Options) ([]nats.Option, error) {
+	var opts []nats.Option
+	if o.InboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(o.InboxPrefix))
+	}
+	if o.CAFile != "" || o.CertFile != "" || o.TLSServerName != "" {
+		cfg, err := tlsConfig(o)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, nats.Secure(cfg))
+	}
+	switch {
+	case o.CredsFile != "":
+		opts = append(opts, nats.UserCredentials(o.CredsFile))
+	case o.NKeySeedFile != "":
+		opt, err := nats.NkeyOptionFromSeed(o.NKeySeedFile)
+		if err != nil {
+			return nil, fmt.Errorf("--nats-nkey-file: %w", err)
+		}
+		opts = append(opts, opt)
+	case o.User != "" || o.Password != "":
+		opts = append(opts, nats.UserInfo(o.User, o.Password))
+	case o.Token != "":
+		opts = append(opts, nats.Token(o.Token))
+	}
+	return opts, nil
 }
 
 // NotConnected says why nc is not connected now, naming the servers (without

@@ -35,6 +35,10 @@ type keystoneClient struct {
 
 	token     string
 	refreshAt time.Time // local time at which to authenticate again
+
+	// issuedAt is the last token's issued_at, Keystone's clock between
+	// authSent and authDone, this host's.
+	issuedAt, authSent, authDone time.Time
 }
 
 // httpStatusError is an unexpected HTTP status from Keystone.
@@ -139,6 +143,7 @@ func (c *keystoneClient) authenticate(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("authenticating to Keystone: %w", err)
 	}
+	done := c.o.Now()
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxBody))
 	if err != nil {
@@ -168,6 +173,9 @@ func (c *keystoneClient) authenticate(ctx context.Context) error {
 		lifetime = 2 * time.Minute
 	}
 	margin := min(c.o.ReauthBefore, lifetime/2)
+	if err1 == nil {
+		c.issuedAt, c.authSent, c.authDone = issued, local, done
+	}
 	c.token = tok
 	c.refreshAt = local.Add(lifetime - margin)
 	return nil

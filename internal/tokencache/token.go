@@ -88,6 +88,10 @@ func (t *Token) HasRole(id string) bool {
 // foreign values. Such entries are removed for every event.
 var ErrUnreadable = errors.New("unreadable token cache value")
 
+// ErrEncrypted is ParseValue's error for a value written with
+// memcache_security_strategy ENCRYPT; it wraps ErrUnreadable.
+var ErrEncrypted = fmt.Errorf("%w: encrypted (memcache_security_strategy ENCRYPT)", ErrUnreadable)
+
 // python-memcache flags: only plain bytes (0) and text (16) hold the
 // middleware's JSON as is.
 const (
@@ -137,7 +141,7 @@ func (p *valueParser) parse(kind KeyKind, flags uint32, value []byte) (Token, er
 		}
 		data = p.dec[:n]
 		if !looksLikeJSONObject(data) {
-			return Token{}, fmt.Errorf("%w: encrypted (memcache_security_strategy ENCRYPT)", ErrUnreadable)
+			return Token{}, ErrEncrypted
 		}
 	default:
 		return Token{}, fmt.Errorf("%w: not a token key", ErrUnreadable)
