@@ -14,14 +14,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keystone-fanout/keystone-fanout/internal/event"
-	"github.com/keystone-fanout/keystone-fanout/internal/fixtures"
-	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/fixtures"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // realisticBodies returns n bodies made from the token-affecting fixtures
@@ -142,7 +143,7 @@ func BenchmarkBridgeThroughput(b *testing.B) {
 	bodies = realisticBodies(b, n) // fresh ids
 	fillQueue(b, r, r.queue, bodies)
 	reg := prometheus.NewRegistry()
-	br, err := New(o, env.nc, reg, testLogger(b))
+	br, err := New(o, env.nc, reg, testutil.Logger(b))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -10,13 +10,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keystone-fanout/keystone-fanout/internal/event"
-	"github.com/keystone-fanout/keystone-fanout/internal/fixtures"
-	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/fixtures"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // fixtureMessage is a captured notification with its recorded properties.
@@ -450,14 +451,14 @@ func TestReadinessAndShutdown(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	o := r.options()
 	o.ShutdownTimeout = 3 * time.Second
-	b, err := New(o, n.nc, reg, testLogger(t))
+	b, err := New(o, n.nc, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := b.Ready(); err == nil {
 		t.Fatal("Ready() before Run = nil, want an error")
 	}
-	if _, err := New(o, n.nc, reg, testLogger(t)); err == nil {
+	if _, err := New(o, n.nc, reg, testutil.Logger(t)); err == nil {
 		t.Fatal("a second New on the same registry: want an error")
 	}
 	ctx, cancel := context.WithCancel(context.Background())

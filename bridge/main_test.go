@@ -11,8 +11,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 )
 
 // childEnv, when set, makes the test binary run a bridge instead of the tests

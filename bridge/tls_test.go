@@ -146,7 +146,7 @@ func TestAMQPSRejectsWrongServerName(t *testing.T) {
 	o := r.options()
 	o.AMQPURLs = []string{"amqps://guest:guest@" + addr + "/"}
 	o.TLS = TLSOptions{CAFile: pki.caFile, CertFile: pki.clientCert, KeyFile: pki.clientKey, ServerName: "not-rabbit.test"}
-	b, err := New(o, n.nc, prometheus.NewRegistry(), testLogger(t))
+	b, err := New(o, n.nc, prometheus.NewRegistry(), testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

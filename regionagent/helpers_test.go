@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -29,13 +26,6 @@ const (
 	testRegion = "regionTwo"
 )
 
-func testLogger(t testing.TB) *slog.Logger {
-	if os.Getenv("REGIONAGENT_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("test", t.Name())
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
 func connect(t testing.TB, url string) *nats.Conn {
 	t.Helper()
 	nc, err := nats.Connect(url, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond),
@@ -57,7 +47,7 @@ type testEnv struct {
 
 func newEnv(t testing.TB, mutate ...func(*jetstream.StreamConfig)) *testEnv {
 	t.Helper()
-	srv := natsserver.StartTest(t)
+	srv := testutil.StartNATS(t)
 	nc := connect(t, srv.ClientURL())
 	js, err := jetstream.New(nc)
 	if err != nil {
@@ -271,7 +261,7 @@ func testOptions() Options {
 func startAgent(t testing.TB, nc *nats.Conn, o Options, inv Invalidator) *runningAgent {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	a, err := New(o, nc, inv, reg, testLogger(t))
+	a, err := New(o, nc, inv, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}

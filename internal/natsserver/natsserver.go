@@ -56,21 +56,23 @@ func (o *Options) setDefaults() {
 	}
 }
 
-// Validate checks the options without starting anything.
-func (o Options) Validate() error {
+// Validate fills zero fields with their defaults and checks the options
+// without starting anything.
+func (o *Options) Validate() error {
 	o.setDefaults()
+	var errs []error
 	if _, _, err := splitHostPort(o.Listen); err != nil {
-		return fmt.Errorf("--nats-listen %q: %w (want host:port, for example 127.0.0.1:4222)", o.Listen, err)
+		errs = append(errs, fmt.Errorf("--nats-listen %q: %w (want host:port, for example 127.0.0.1:4222)", o.Listen, err))
 	}
 	if o.DataDir == "" {
-		return errors.New("--data-dir is required for the embedded NATS server: JetStream keeps the stream there")
+		errs = append(errs, errors.New("--data-dir is required for the embedded NATS server: JetStream keeps the stream there"))
 	}
 	if o.Cluster != "" {
 		if _, _, err := splitHostPort(o.Cluster); err != nil {
-			return fmt.Errorf("cluster address %q: %w", o.Cluster, err)
+			errs = append(errs, fmt.Errorf("cluster address %q: %w", o.Cluster, err))
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 func splitHostPort(addr string) (string, int, error) {
@@ -93,7 +95,6 @@ func Start(o Options) (*Server, error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
-	o.setDefaults()
 	host, port, _ := splitHostPort(o.Listen)
 	so := &server.Options{
 		ServerName: o.ServerName,

@@ -58,7 +58,7 @@ func keystoneOptionsFor(t testing.TB, k *keystonetest.Keystone) Options {
 func newKeystonePoller(t testing.TB, o Options, js jetstream.JetStream) (*Poller, *prometheus.Registry) {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	p, err := New(o, js, reg, testLogger(t))
+	p, err := New(o, js, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

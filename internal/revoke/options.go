@@ -143,10 +143,10 @@ func (o *Options) setDefaults() {
 	}
 }
 
-// Validate checks the options (with defaults applied) without connecting to
-// anything. It reads PasswordFile, AppCredSecretFile and CAFile to check that
-// they are usable. Every error names the flag to fix.
-func (o Options) Validate() error {
+// Validate fills zero fields with their defaults and checks the options
+// without connecting to anything. It reads PasswordFile, AppCredSecretFile and
+// CAFile to check that they are usable. Every error names the flag to fix.
+func (o *Options) Validate() error {
 	o.setDefaults()
 	var errs []error
 	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
