@@ -21,6 +21,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
@@ -43,7 +44,7 @@ type rig struct {
 	conn     *amqp.Connection
 	pub      *amqp.Channel // confirm mode
 	pubMu    sync.Mutex
-	stream   StreamConfig
+	stream   stream.Config
 	queues   []string // deleted at cleanup
 	exchs    []string // deleted at cleanup
 }
@@ -53,7 +54,7 @@ func newRig(t testing.TB) *rig {
 	r := &rig{t: t, suffix: testutil.NameSuffix()}
 	r.exchange = "ksf-test-ex-" + r.suffix
 	r.queue = "ksf-test-q-" + r.suffix
-	r.stream = StreamConfig{Name: "KSTEST_" + r.suffix, SubjectPrefix: "kstest" + r.suffix}
+	r.stream = stream.Config{Name: "KSTEST_" + r.suffix, SubjectPrefix: "kstest" + r.suffix}
 	conn, err := amqp.DialConfig(testutil.AMQPURL(), amqp.Config{Properties: amqp.Table{"connection_name": "bridge-test-" + r.suffix}})
 	if err != nil {
 		t.Fatalf("RabbitMQ at %s is required for this test: %v", testutil.AMQPURL(), err)

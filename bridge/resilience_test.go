@@ -16,6 +16,7 @@ import (
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
@@ -342,7 +343,7 @@ func TestClusterWithThreeReplicas(t *testing.T) {
 	testutil.Eventually(t, 60*time.Second, "the 3-replica stream to be created", func() (bool, string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		err := EnsureStream(ctx, n.checkJ, r.stream)
+		err := stream.Ensure(ctx, n.checkJ, r.stream)
 		return err == nil, fmt.Sprint(err)
 	})
 	o := r.options()

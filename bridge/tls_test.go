@@ -126,8 +126,8 @@ func TestAMQPSWithMutualTLS(t *testing.T) {
 	o.AMQPURLs = []string{"rabbit://guest:guest@" + addr + "/?ssl=1"}
 	o.TLS = TLSOptions{CAFile: pki.caFile, CertFile: pki.clientCert, KeyFile: pki.clientKey, ServerName: "rabbit.test"}
 	br := startBridge(t, o, n.nc)
-	if !strings.HasPrefix(br.b.Options().AMQPURLs[0], "amqps://") {
-		t.Fatalf("URL %s, want amqps://", br.b.Options().AMQPURLs[0])
+	if !strings.HasPrefix(br.b.urls[0], "amqps://") {
+		t.Fatalf("URL %s, want amqps://", br.b.urls[0])
 	}
 	msgs, ids := notifications(20)
 	r.publish(msgs...)

@@ -22,13 +22,14 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 )
 
 // streamName is the bridge's default stream; every test has its own NATS.
-const streamName = "KEYSTONE"
+const streamName = stream.DefaultName
 
 // readyTimeout bounds how long a process may take to become ready.
 const readyTimeout = 60 * time.Second

@@ -17,12 +17,13 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 const (
-	testStream = "KEYSTONE"
-	testPrefix = "keystone"
+	testStream = stream.DefaultName
+	testPrefix = stream.DefaultSubjectPrefix
 	testRegion = "regionTwo"
 )
 
@@ -92,7 +93,7 @@ func (e *testEnv) publish(evs ...event.Event) []uint64 {
 		if err != nil {
 			e.t.Fatal(err)
 		}
-		f, err := e.js.PublishAsync(evs[i].Subject(testPrefix), b, jetstream.WithMsgID(evs[i].ID))
+		f, err := e.js.PublishAsync(stream.Subject(testPrefix, &evs[i]), b, jetstream.WithMsgID(evs[i].ID))
 		if err != nil {
 			e.t.Fatalf("publishing %s: %v", evs[i].ID, err)
 		}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/app"
 	"github.com/keystone-fanout/keystone-fanout/internal/config"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 const bridgeUsage = `Usage: keystone-fanout bridge [flags]
@@ -52,7 +53,7 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer, get
 	var o app.StatusOptions
 	s := config.New("status", statusUsage, stderr)
 	registerNATS(s, &o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-	s.String(&o.Stream, "stream", "KEYSTONE", "JetStream stream carrying the events")
+	s.String(&o.Stream, "stream", stream.DefaultName, "JetStream stream carrying the events")
 	s.Bool(&o.JSON, "json", false, "print JSON")
 	var logFormat string
 	s.String(&logFormat, "log-format", "text", "log format: json or text")
@@ -90,7 +91,7 @@ func runSweep(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	var o app.SweepOptions
 	s := config.New("sweep", sweepUsage, stderr)
 	registerNATS(s, &o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-	s.String(&o.SubjectPrefix, "subject-prefix", "keystone", "first token of the stream's subjects")
+	s.String(&o.SubjectPrefix, "subject-prefix", stream.DefaultSubjectPrefix, "first token of the stream's subjects")
 	s.String(&o.Reason, "reason", "", "why every region should drop its cached tokens (logged by every agent)")
 	if err := s.Parse(args, getenv); err != nil {
 		return parseErr(err)

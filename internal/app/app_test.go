@@ -22,6 +22,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
@@ -156,7 +157,7 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 		if err := json.Unmarshal([]byte(buf.String()), &st); err != nil {
 			return false, err.Error()
 		}
-		ok := st.Stream == "KEYSTONE" && len(st.Consumers) == 1 && st.Consumers[0].Name == "regionTwo" &&
+		ok := st.Stream == stream.DefaultName && len(st.Consumers) == 1 && st.Consumers[0].Name == "regionTwo" &&
 			st.Consumers[0].Pending == 0 && st.Consumers[0].AckPending == 0 && !st.Consumers[0].Gap && st.Messages >= 2
 		return ok, buf.String()
 	})
@@ -333,7 +334,7 @@ func TestAgentOutlivesNATSOutageAtStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := bridge.EnsureStream(t.Context(), js, bridge.DefaultStreamConfig()); err != nil {
+	if err := stream.Ensure(t.Context(), js, stream.Default()); err != nil {
 		t.Fatal(err)
 	}
 	tests := []struct {

@@ -13,12 +13,13 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 // StatusOptions configures `keystone-fanout status`.
 type StatusOptions struct {
 	NATS   natsconn.Options
-	Stream string // default KEYSTONE
+	Stream string // default stream.DefaultName
 	JSON   bool   // print JSON instead of a table
 }
 
@@ -52,7 +53,7 @@ type RegionStatus struct {
 // RunStatus prints the stream and every consumer of it to w.
 func RunStatus(ctx context.Context, o StatusOptions, w io.Writer, log *slog.Logger) error {
 	if o.Stream == "" {
-		o.Stream = "KEYSTONE"
+		o.Stream = stream.DefaultName
 	}
 	js, closeNATS, err := oneShotJetStream(ctx, o.NATS, "keystone-fanout-status", log)
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
@@ -30,7 +31,7 @@ func TestStatusWithoutTheStreamNamesTheURL(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			err := RunStatus(ctx, StatusOptions{NATS: natsconn.Options{URL: tt.url}, Stream: "KEYSTONE"}, io.Discard, testutil.Logger(t))
+			err := RunStatus(ctx, StatusOptions{NATS: natsconn.Options{URL: tt.url}, Stream: stream.DefaultName}, io.Discard, testutil.Logger(t))
 			if err == nil {
 				t.Fatal("RunStatus: nil error, want one saying the stream does not exist")
 			}

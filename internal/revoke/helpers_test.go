@@ -23,10 +23,11 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
-const testStream = "KEYSTONE"
+const testStream = stream.DefaultName
 
 // startJetStream starts an embedded NATS server and returns a JetStream
 // context with a stream capturing "keystone.>" with the given duplicate window.

@@ -7,6 +7,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 // Defaults of Options.
@@ -16,7 +18,6 @@ const (
 	DefaultOverlap        = 30 * time.Second
 	DefaultRequestTimeout = 10 * time.Second
 	DefaultMaxBackoff     = 30 * time.Second
-	DefaultSubjectPrefix  = "keystone"
 	DefaultBucket         = "keystone-fanout-revoke"
 	DefaultKey            = "position"
 	DefaultReauthBefore   = 5 * time.Minute
@@ -90,7 +91,8 @@ type Options struct {
 	ReauthBefore time.Duration
 
 	// SubjectPrefix is the first token of the subjects events are published on
-	// ("<prefix>.revocation"). Default "keystone".
+	// (stream.Subject: "<prefix>.revocation"). Default
+	// stream.DefaultSubjectPrefix; the bridge sets its --subject-prefix.
 	SubjectPrefix string
 	// Bucket and Key name the JetStream key-value entry holding the poller's
 	// position; replicas of the bridge share it. Default
@@ -127,7 +129,7 @@ func (o *Options) setDefaults() {
 		o.ReauthBefore = DefaultReauthBefore
 	}
 	if o.SubjectPrefix == "" {
-		o.SubjectPrefix = DefaultSubjectPrefix
+		o.SubjectPrefix = stream.DefaultSubjectPrefix
 	}
 	if o.Bucket == "" {
 		o.Bucket = DefaultBucket
@@ -226,9 +228,8 @@ func (o *Options) Validate() error {
 	if o.RequestTimeout < 0 || o.MaxBackoff < 0 || o.ReauthBefore < 0 {
 		add("revocation timeouts must not be negative")
 	}
-	if strings.ContainsAny(o.SubjectPrefix, " \t\r\n*>") || strings.HasPrefix(o.SubjectPrefix, ".") ||
-		strings.HasSuffix(o.SubjectPrefix, ".") || strings.Contains(o.SubjectPrefix, "..") {
-		add("subject prefix %q: not a valid NATS subject prefix", o.SubjectPrefix)
+	if err := stream.CheckSubjectPrefix(o.SubjectPrefix); err != nil {
+		errs = append(errs, err)
 	}
 	if strings.ContainsAny(o.Bucket, " \t\r\n*>.") {
 		add("position bucket %q: not a valid key-value bucket name", o.Bucket)

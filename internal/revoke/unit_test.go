@@ -48,7 +48,7 @@ func TestOptionsValidate(t *testing.T) {
 		{"ca not pem", with(func(o *Options) { o.URL = "https://k/v3"; o.CAFile = notCA }), []string{"--keystone-ca-file", "no PEM certificate"}},
 		{"interval too short", with(func(o *Options) { o.PollInterval = time.Millisecond }), []string{"--revocation-poll-interval"}},
 		{"overlap too short", with(func(o *Options) { o.Overlap = time.Millisecond }), []string{"overlap"}},
-		{"bad prefix", with(func(o *Options) { o.SubjectPrefix = "a.>" }), []string{"subject prefix"}},
+		{"bad prefix", with(func(o *Options) { o.SubjectPrefix = "a.>" }), []string{"--subject-prefix"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
