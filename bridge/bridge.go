@@ -71,7 +71,7 @@ func New(o Options, nc *nats.Conn, reg prometheus.Registerer, log *slog.Logger) 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	urls, _ := o.brokerURLs()         // checked by Validate
+	urls, _ := o.brokerURLs()              // checked by Validate
 	filter, _ := event.NewFilter(o.Filter) // likewise
 	tlsConf, err := o.TLS.config()
 	if err != nil {
