@@ -610,24 +610,20 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 	}
 }
 
-// stopIterator stops it and waits, up to a second, until its subscription is
-// gone: JetStream may otherwise still deliver to it, and a message delivered
-// to a stopped iterator is lost until its redelivery.
+// stopIterator stops it with Drain: JetStream may still deliver to its
+// subscription until the server has seen the unsubscribe, and a message
+// delivered to a stopped iterator would be lost until its redelivery. The
+// messages that arrive meanwhile, for up to a second, are handed back (nak)
+// for redelivery at once.
 func stopIterator(it jetstream.MessagesContext) {
-	it.Stop()
-	c, ok := it.(interface{ Closed() <-chan struct{} })
-	if !ok {
-		return
-	}
+	it.Drain()
 	deadline := time.Now().Add(time.Second)
-	for time.Now().Before(deadline) {
-		// Closed closes the channel it returns once the subscription is
-		// no longer valid, when called after that.
-		select {
-		case <-c.Closed():
-			return
-		case <-time.After(5 * time.Millisecond):
+	for wait := time.Until(deadline); wait > 0; wait = time.Until(deadline) {
+		msg, err := it.Next(jetstream.NextMaxWait(wait))
+		if err != nil {
+			return // jetstream.ErrMsgIteratorClosed once drained
 		}
+		_ = msg.Nak()
 	}
 }
 
