@@ -182,11 +182,3 @@ func filteredLabel(eventType string) string {
 	}
 	return otherType
 }
-
-func widenLabel(reason string) string {
-	switch reason {
-	case event.WidenUnknownType, event.WidenMissingIDs, widenDecodeError:
-		return reason
-	}
-	return widenOther
-}

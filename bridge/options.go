@@ -173,56 +173,34 @@ const maxMessageTTL = (1<<32 - 1) * time.Millisecond
 
 // setDefaults fills zero fields.
 func (o *Options) setDefaults() {
-	if o.Exchange == "" {
-		o.Exchange = DefaultExchange
-	}
+	orDefault(&o.Exchange, DefaultExchange)
 	if len(o.RoutingKeys) == 0 {
 		o.RoutingKeys = []string{DefaultRoutingKey}
 	}
-	if o.Queue == "" {
-		o.Queue = DefaultQueue
-	}
-	if o.QueueType == "" {
-		o.QueueType = DefaultQueueType
-	}
-	if o.QueueMessageTTL == 0 {
-		o.QueueMessageTTL = DefaultQueueMessageTTL
-	}
-	if o.Heartbeat == 0 {
-		o.Heartbeat = DefaultHeartbeat
-	}
-	if o.Prefetch == 0 {
-		o.Prefetch = DefaultPrefetch
-	}
-	if o.ConnectTimeout == 0 {
-		o.ConnectTimeout = DefaultConnectTimeout
-	}
-	if o.ReconnectMin == 0 {
-		o.ReconnectMin = DefaultReconnectMin
-	}
-	if o.ReconnectMax == 0 {
-		o.ReconnectMax = DefaultReconnectMax
-	}
-	if o.ConnectionName == "" {
-		o.ConnectionName = DefaultConnectionName
-	}
-	if o.PublishWindow == 0 {
-		o.PublishWindow = DefaultPublishWindow
-	}
-	if o.PubAckTimeout == 0 {
-		o.PubAckTimeout = DefaultPubAckTimeout
-	}
-	if o.StreamCheckPeriod == 0 {
-		o.StreamCheckPeriod = DefaultStreamCheckPeriod
-	}
-	if o.MaxBodySize == 0 {
-		o.MaxBodySize = DefaultMaxBodySize
-	}
+	orDefault(&o.Queue, DefaultQueue)
+	orDefault(&o.QueueType, DefaultQueueType)
+	orDefault(&o.QueueMessageTTL, DefaultQueueMessageTTL)
+	orDefault(&o.Heartbeat, DefaultHeartbeat)
+	orDefault(&o.Prefetch, DefaultPrefetch)
+	orDefault(&o.ConnectTimeout, DefaultConnectTimeout)
+	orDefault(&o.ReconnectMin, DefaultReconnectMin)
+	orDefault(&o.ReconnectMax, DefaultReconnectMax)
+	orDefault(&o.ConnectionName, DefaultConnectionName)
+	orDefault(&o.PublishWindow, DefaultPublishWindow)
+	orDefault(&o.PubAckTimeout, DefaultPubAckTimeout)
+	orDefault(&o.StreamCheckPeriod, DefaultStreamCheckPeriod)
+	orDefault(&o.MaxBodySize, DefaultMaxBodySize)
+	orDefault(&o.ShutdownTimeout, DefaultShutdownTimeout)
 	if o.Filter == nil {
 		o.Filter = append([]string(nil), event.DefaultFilter...)
 	}
-	if o.ShutdownTimeout == 0 {
-		o.ShutdownTimeout = DefaultShutdownTimeout
+}
+
+// orDefault sets *p to def when it is the zero value.
+func orDefault[T comparable](p *T, def T) {
+	var zero T
+	if *p == zero {
+		*p = def
 	}
 }
 

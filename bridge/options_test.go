@@ -6,6 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 )
 
@@ -224,7 +227,12 @@ func TestMetricLabelsBounded(t *testing.T) {
 			t.Errorf("filteredLabel(%q) = %q, want %q", tc.in, got, tc.want)
 		}
 	}
-	if got := widenLabel("something new"); got != "other" {
-		t.Errorf("widenLabel(unknown) = %q, want other", got)
+	m, err := newMetrics(prometheus.NewRegistry(), func() float64 { return 0 })
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.widenedCounter("something new").Inc()
+	if got := promtest.ToFloat64(m.widened.WithLabelValues(widenOther)); got != 1 {
+		t.Errorf("widened_total{reason=other} = %v after an unknown reason, want 1", got)
 	}
 }
