@@ -5,10 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -260,23 +258,7 @@ func TestEmbeddedNATSStoppedWhenAComponentFails(t *testing.T) {
 // address (a listener that counts connections) next to one bad option: the
 // error must name the flag, and nothing may have connected.
 func TestValidationNamesTheFlagBeforeConnecting(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	var accepted atomic.Int64
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			accepted.Add(1)
-			c.Close()
-		}
-	}()
-	live := ln.Addr().String()
+	live, accepted := testutil.CountingListener(t)
 	natsURL := natsconn.Options{URL: "nats://" + live}
 	tests := []struct {
 		name string

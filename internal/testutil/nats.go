@@ -2,7 +2,6 @@ package testutil
 
 import (
 	"fmt"
-	"net"
 	"testing"
 	"time"
 
@@ -30,21 +29,8 @@ func StartNATS(t testing.TB) *natsserver.Server {
 // is a listener the test holds, which refuses to speak NATS.
 func StartNATSCluster(t testing.TB, n int, name string) []*natsserver.Server {
 	t.Helper()
-	holder, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		for {
-			c, err := holder.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() { holder.Close() }) // runs after the servers stopped
-	routes := []string{"nats://" + holder.Addr().String()}
+	holder, _ := CountingListener(t) // closed after the servers stopped
+	routes := []string{"nats://" + holder}
 	var servers []*natsserver.Server
 	for i := range n {
 		s, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir(),
