@@ -80,17 +80,18 @@ const WidenedEventType = "keystone-fanout.widened"
 
 // Agent consumes one region's events. Create it with New, run it with Run.
 type Agent struct {
-	o        Options
-	consumer string // the region's durable consumer (stream.ConsumerName)
-	nc       *nats.Conn
-	js       jetstream.JetStream
-	inv      Invalidator
-	log      *slog.Logger
-	m        *metrics
+	o   Options
+	nc  *nats.Conn
+	js  jetstream.JetStream
+	inv Invalidator
+	log *slog.Logger
+	m   *metrics
 
 	tr   tracker
 	in   chan *item
 	held heldSet
+
+	consumer string // the region's durable consumer (stream.ConsumerName)
 
 	running atomic.Bool
 	bound   atomic.Bool
@@ -167,16 +168,16 @@ func New(o Options, nc *nats.Conn, inv Invalidator, reg prometheus.Registerer, l
 		return nil, fmt.Errorf("regionagent: registering metrics: %w", err)
 	}
 	a := &Agent{
-		o:        o,
-		consumer: stream.ConsumerName(o.Region),
-		nc:       nc,
-		js:       js,
-		inv:      inv,
-		log:      log.With("component", "agent", "region", o.Region),
-		m:        m,
-		in:       make(chan *item, 2*o.MaxAckPending+64),
+		o:   o,
+		nc:  nc,
+		js:  js,
+		inv: inv,
+		log: log.With("component", "agent", "region", o.Region),
+		m:   m,
+		in:  make(chan *item, 2*o.MaxAckPending+64),
 	}
 	a.held.items = map[*item]struct{}{}
+	a.consumer = stream.ConsumerName(o.Region)
 	return a, nil
 }
 
