@@ -10,13 +10,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keystone-fanout/keystone-fanout/internal/event"
-	"github.com/keystone-fanout/keystone-fanout/internal/fixtures"
-	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/fixtures"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // fixtureMessage is a captured notification with its recorded properties.
@@ -222,6 +222,9 @@ func TestSameNotificationsTwiceStoredOnce(t *testing.T) {
 	checkStreamHoldsOnce(t, n, r.stream.Name, ids)
 	if p, d := promtest.ToFloat64(br.b.m.published), promtest.ToFloat64(br.b.m.duplicates); p != 200 || d != 200 {
 		t.Errorf("published_total %v, duplicates_total %v; want 200 and 200", p, d)
+	}
+	if got := promtest.ToFloat64(br.b.m.inFlight); got != 0 {
+		t.Errorf("in_flight = %v after every publish settled, want 0", got)
 	}
 	// The queue is classic: declaring it as quorum must be refused.
 	ch := r.channel()
@@ -450,14 +453,14 @@ func TestReadinessAndShutdown(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	o := r.options()
 	o.ShutdownTimeout = 3 * time.Second
-	b, err := New(o, n.nc, reg, testLogger(t))
+	b, err := New(o, n.nc, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := b.Ready(); err == nil {
 		t.Fatal("Ready() before Run = nil, want an error")
 	}
-	if _, err := New(o, n.nc, reg, testLogger(t)); err == nil {
+	if _, err := New(o, n.nc, reg, testutil.Logger(t)); err == nil {
 		t.Fatal("a second New on the same registry: want an error")
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -509,69 +512,6 @@ func TestReadyReportsNATSDown(t *testing.T) {
 		err := br.b.Ready()
 		return err != nil && strings.Contains(err.Error(), "NATS"), fmt.Sprint(err)
 	})
-}
-
-func TestEnsureStream(t *testing.T) {
-	n := startNATS(t)
-	ctx := context.Background()
-	c := StreamConfig{Name: "ENSURE_" + testutil.NameSuffix(), SubjectPrefix: "ensure"}
-	if err := EnsureStream(ctx, n.checkJ, c); err != nil {
-		t.Fatal(err)
-	}
-	s, err := n.checkJ.Stream(ctx, c.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := s.CachedInfo().Config
-	if cfg.Storage != jetstream.FileStorage || cfg.MaxAge != DefaultStreamMaxAge || cfg.Replicas != 1 ||
-		cfg.Duplicates != DefaultDuplicateWindow || cfg.Discard != jetstream.DiscardOld || !slices.Equal(cfg.Subjects, []string{"ensure.>"}) {
-		t.Fatalf("created stream config %+v, want file storage, 24h, 1 replica, 2m, discard old, ensure.>", cfg)
-	}
-	// An operator's own setting survives; ours are updated.
-	cfg.MaxMsgs = 12345
-	if _, err := n.checkJ.UpdateStream(ctx, cfg); err != nil {
-		t.Fatal(err)
-	}
-	c.MaxAge = 48 * time.Hour
-	if err := EnsureStream(ctx, n.checkJ, c); err != nil {
-		t.Fatal(err)
-	}
-	s, _ = n.checkJ.Stream(ctx, c.Name)
-	if got := s.CachedInfo().Config; got.MaxAge != 48*time.Hour || got.MaxMsgs != 12345 {
-		t.Fatalf("after update: max age %s, max msgs %d; want 48h and 12345", got.MaxAge, got.MaxMsgs)
-	}
-	// Idempotent, and never lowers: a component with a shorter max age
-	// leaves the longer one.
-	c.MaxAge = time.Hour
-	if err := EnsureStream(ctx, n.checkJ, c); err != nil {
-		t.Fatal(err)
-	}
-	s, _ = n.checkJ.Stream(ctx, c.Name)
-	if got := s.CachedInfo().Config; got.MaxAge != 48*time.Hour {
-		t.Fatalf("after EnsureStream with a shorter max age: %s, want 48h kept", got.MaxAge)
-	}
-	// Another prefix is added to the subjects.
-	c.SubjectPrefix = "ensure2"
-	if err := EnsureStream(ctx, n.checkJ, c); err != nil {
-		t.Fatal(err)
-	}
-	s, _ = n.checkJ.Stream(ctx, c.Name)
-	if got := s.CachedInfo().Config.Subjects; !slices.Equal(got, []string{"ensure.>", "ensure2.>"}) {
-		t.Fatalf("subjects %q, want both prefixes", got)
-	}
-	// A memory stream cannot carry events across restarts.
-	mem := StreamConfig{Name: "MEM_" + testutil.NameSuffix(), SubjectPrefix: "mem"}
-	if _, err := n.checkJ.CreateStream(ctx, jetstream.StreamConfig{Name: mem.Name, Subjects: []string{"mem.>"}, Storage: jetstream.MemoryStorage}); err != nil {
-		t.Fatal(err)
-	}
-	if err := EnsureStream(ctx, n.checkJ, mem); err == nil || !strings.Contains(strings.ToLower(err.Error()), "memory") {
-		t.Fatalf("EnsureStream on a memory stream = %v, want an error naming the storage", err)
-	}
-	// Replicas 3 on a single server fails with the server's reason.
-	r3 := StreamConfig{Name: "R3_" + testutil.NameSuffix(), SubjectPrefix: "r3", Replicas: 3}
-	if err := EnsureStream(ctx, n.checkJ, r3); err == nil {
-		t.Fatal("EnsureStream with 3 replicas on one server = nil, want an error")
-	}
 }
 
 // TestQueueDropsNotificationsOlderThanItsTTL: while no bridge consumes (an

@@ -3,16 +3,13 @@ package bridge
 import (
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"log/slog"
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
-// syncBuffer is a log destination the acker's goroutine and the test share.
+// syncBuffer is a log destination the settler's goroutine and the test share.
 type syncBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
@@ -45,24 +42,19 @@ func TestDuplicateLoggedAtDebug(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var logs syncBuffer
-			b := ackerBridge(t, 16, 16)
+			b := settlerBridge(t)
 			b.log = slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 			broker := newFakeBroker(t, 1)
-			s := ackerSession(16)
-			done := make(chan struct{})
-			go b.acker(s, broker, done)
-			s.slots <- struct{}{}
-			b.m.inFlight.Inc()
-			s.pending <- inflight{tag: 1, how: settlePublished, id: "msg-1", typ: "identity.user.updated", since: time.Now()}
+			s := newSettler(broker, 16, b.published, b.ackFailed)
+			go s.run()
+			p, f := pendingFor(1, tt.outcome)
+			p.id = "msg-1"
 			broker.markSafe(1)
-			s.replies <- replyTo(1, tt.outcome)
-			testutil.Eventually(t, 10*time.Second, "the delivery acked", func() (bool, string) {
-				broker.mu.Lock()
-				defer broker.mu.Unlock()
-				return broker.acked[1] == 1, fmt.Sprintf("acked %v", broker.acked)
-			})
-			close(s.pending)
-			<-done
+			f.resolve(1, tt.outcome)
+			s.add(p)
+			if !s.close(10*time.Second) || broker.acked[1] != 1 {
+				t.Fatalf("the delivery was not acked: acked %v", broker.acked)
+			}
 
 			var found []map[string]any
 			for _, line := range bytes.Split([]byte(logs.String()), []byte("\n")) {

@@ -7,22 +7,22 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
-	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/keystone-fanout/keystone-fanout/internal/event"
-	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
-	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
-	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 func newUUID() string {
@@ -32,24 +32,6 @@ func newUUID() string {
 	b[8] = b[8]&0x3f | 0x80
 	h := hex.EncodeToString(b)
 	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
-}
-
-// testLogger writes to the test log at Info and above (Debug with -v and
-// KEYSTONE_FANOUT_TEST_DEBUG=1).
-func testLogger(t testing.TB) *slog.Logger {
-	level := slog.LevelInfo
-	if os.Getenv("KEYSTONE_FANOUT_TEST_DEBUG") != "" {
-		level = slog.LevelDebug
-	}
-	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: level}))
-}
-
-type tWriter struct{ t testing.TB }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
 }
 
 // rig is one test's RabbitMQ objects (a uniquely named exchange declared as
@@ -62,7 +44,7 @@ type rig struct {
 	conn     *amqp.Connection
 	pub      *amqp.Channel // confirm mode
 	pubMu    sync.Mutex
-	stream   StreamConfig
+	stream   stream.Config
 	queues   []string // deleted at cleanup
 	exchs    []string // deleted at cleanup
 }
@@ -72,7 +54,7 @@ func newRig(t testing.TB) *rig {
 	r := &rig{t: t, suffix: testutil.NameSuffix()}
 	r.exchange = "ksf-test-ex-" + r.suffix
 	r.queue = "ksf-test-q-" + r.suffix
-	r.stream = StreamConfig{Name: "KSTEST_" + r.suffix, SubjectPrefix: "kstest" + r.suffix}
+	r.stream = stream.Config{Name: "KSTEST_" + r.suffix, SubjectPrefix: "kstest" + r.suffix}
 	conn, err := amqp.DialConfig(testutil.AMQPURL(), amqp.Config{Properties: amqp.Table{"connection_name": "bridge-test-" + r.suffix}})
 	if err != nil {
 		t.Fatalf("RabbitMQ at %s is required for this test: %v", testutil.AMQPURL(), err)
@@ -235,7 +217,7 @@ type natsEnv struct {
 
 func startNATS(t testing.TB) *natsEnv {
 	t.Helper()
-	srv := natsserver.StartTest(t)
+	srv := testutil.StartNATS(t)
 	return connectNATS(t, srv)
 }
 
@@ -243,7 +225,7 @@ func connectNATS(t testing.TB, srv *natsserver.Server) *natsEnv {
 	t.Helper()
 	e := &natsEnv{srv: srv}
 	var err error
-	e.nc, err = natsconn.Connect(context.Background(), natsconn.Options{URL: srv.ClientURL()}, "bridge-test", testLogger(t), nil)
+	e.nc, err = natsconn.Connect(context.Background(), natsconn.Options{URL: srv.ClientURL()}, "bridge-test", testutil.Logger(t), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -331,7 +313,7 @@ type running struct {
 func startBridge(t testing.TB, o Options, nc *nats.Conn) *running {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	b, err := New(o, nc, reg, testLogger(t))
+	b, err := New(o, nc, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

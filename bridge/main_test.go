@@ -11,8 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 // childEnv, when set, makes the test binary run a bridge instead of the tests
@@ -41,7 +43,7 @@ func runChild() int {
 		AMQPURLs:       strings.Split(os.Getenv("KSF_CHILD_AMQP_URL"), " "),
 		Exchange:       os.Getenv("KSF_CHILD_EXCHANGE"),
 		Queue:          os.Getenv("KSF_CHILD_QUEUE"),
-		Stream:         StreamConfig{Name: os.Getenv("KSF_CHILD_STREAM"), SubjectPrefix: os.Getenv("KSF_CHILD_PREFIX")},
+		Stream:         stream.Config{Name: os.Getenv("KSF_CHILD_STREAM"), SubjectPrefix: os.Getenv("KSF_CHILD_PREFIX")},
 		ReconnectMin:   20 * time.Millisecond,
 		ReconnectMax:   500 * time.Millisecond,
 		ConnectionName: os.Getenv("KSF_CHILD_NAME"),

@@ -58,7 +58,7 @@ type metrics struct {
 	publishErrors prometheus.Counter
 	ackErrors     prometheus.Counter
 	reconnects    *prometheus.CounterVec
-	inFlight      prometheus.Gauge
+	inFlight      prometheus.GaugeFunc
 	latency       *prometheus.HistogramVec
 
 	// The labelled counters of every label value, resolved once.
@@ -67,7 +67,8 @@ type metrics struct {
 	widenedBy  map[string]prometheus.Counter
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+// newMetrics registers the bridge's metrics; inFlight reads in_flight.
+func newMetrics(reg prometheus.Registerer, inFlight func() float64) (*metrics, error) {
 	m := &metrics{
 		received: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: MetricsPrefix + "received_total",
@@ -105,10 +106,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: MetricsPrefix + "reconnects_total",
 			Help: "Connections re-established after a loss, by side (amqp, nats).",
 		}, []string{"side"}),
-		inFlight: prometheus.NewGauge(prometheus.GaugeOpts{
+		inFlight: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: MetricsPrefix + "in_flight",
 			Help: "JetStream publishes awaiting their PubAck.",
-		}),
+		}, inFlight),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: MetricsPrefix + "latency_seconds",
 			Help: "Time to the PubAck of a published event, by starting point: from=\"keystone\" is Keystone's notification timestamp " +
@@ -180,12 +181,4 @@ func filteredLabel(eventType string) string {
 		return eventType
 	}
 	return otherType
-}
-
-func widenLabel(reason string) string {
-	switch reason {
-	case event.WidenUnknownType, event.WidenMissingIDs, widenDecodeError:
-		return reason
-	}
-	return widenOther
 }

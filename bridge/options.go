@@ -2,14 +2,15 @@ package bridge
 
 import (
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net/url"
-	"runtime"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/tlsconf"
 )
 
@@ -45,7 +46,7 @@ type Options struct {
 	// AMQPURLs (--amqp-url, repeatable or comma-separated) are the RabbitMQ
 	// brokers, as amqp://, amqps:// or oslo.messaging's
 	// rabbit://user:pass@host1:5672,user:pass@host2:5672/vhost (see
-	// ParseAMQPURLs; Validate normalises them). Required. The bridge connects
+	// ParseAMQPURLs). Required. The bridge connects
 	// to the first that answers and, after losing a connection, tries the next
 	// ones in turn, forever.
 	AMQPURLs []string
@@ -70,13 +71,11 @@ type Options struct {
 	// broker node loss) or "classic". It only matters when the queue is
 	// created: an existing queue of the other type is used as it is (logged).
 	QueueType string
-	// QueueMessageTTL (--queue-message-ttl, default 6 min: keystonemiddleware's
-	// default token_cache_time of 300 s plus a minute) is the queue's
-	// x-message-ttl. A notification that waited longer, while no bridge
-	// consumed (an outage, a trial's queue left behind), can no longer concern
-	// any cached entry, and RabbitMQ drops it instead of keeping it forever.
-	// Set it to the largest token_cache_time of any region plus a minute. It
-	// only applies when the queue is created: see docs/OPERATIONS.md.
+	// QueueMessageTTL (--queue-message-ttl, default 6 min) is the queue's
+	// x-message-ttl: a notification that waited longer while no bridge
+	// consumed can no longer concern any cached entry. Set it to the largest
+	// token_cache_time of any region plus a minute. It only applies when the
+	// queue is created: see docs/OPERATIONS.md.
 	QueueMessageTTL time.Duration
 	// DeadLetterExchange (--dead-letter-exchange), when not empty, is set as
 	// the queue's x-dead-letter-exchange and rejected bodies (not a
@@ -111,13 +110,15 @@ type Options struct {
 
 	// Stream is the JetStream stream the bridge publishes to (--stream,
 	// --subject-prefix, --stream-max-age, --stream-replicas,
-	// --stream-duplicate-window); see StreamConfig for defaults.
-	Stream StreamConfig
+	// --stream-duplicate-window); see stream.Config for defaults. The
+	// bridge creates it, and raises its limits to these (stream.Ensure).
+	Stream stream.Config
 	// PublishWindow (--publish-window, default 256) is the most JetStream
 	// publishes awaiting their PubAck at once; consumption waits while full.
 	PublishWindow int
-	// DecodeWorkers (--decode-workers, default GOMAXPROCS) is how many
-	// goroutines decode and publish deliveries in parallel.
+	// DecodeWorkers (--decode-workers) is ignored, kept so that existing
+	// configurations still start: one goroutine decodes and publishes in
+	// delivery order, about 3 µs per notification (docs/BENCHMARKS.md).
 	DecodeWorkers int
 	// PubAckTimeout (--puback-timeout, default 5s) is how long one publish
 	// waits for its PubAck. On expiry the delivery is nacked and requeued
@@ -137,10 +138,9 @@ type Options struct {
 	Filter []string
 
 	// ShutdownTimeout (--shutdown-timeout, default 10s) bounds how long Run,
-	// once its context ends, takes to cancel its consumer and wait for
-	// in-flight publishes to be acknowledged, before it closes the connection
-	// (at most 2s more); deliveries left unacknowledged are redelivered by
-	// RabbitMQ.
+	// once its context ends, waits for the publishes in flight to be settled
+	// before it closes the connection (at most 2s more); deliveries left
+	// unacknowledged are redelivered by RabbitMQ.
 	ShutdownTimeout time.Duration
 }
 
@@ -173,127 +173,88 @@ const maxMessageTTL = (1<<32 - 1) * time.Millisecond
 
 // setDefaults fills zero fields.
 func (o *Options) setDefaults() {
-	if o.Exchange == "" {
-		o.Exchange = DefaultExchange
-	}
+	orDefault(&o.Exchange, DefaultExchange)
 	if len(o.RoutingKeys) == 0 {
 		o.RoutingKeys = []string{DefaultRoutingKey}
 	}
-	if o.Queue == "" {
-		o.Queue = DefaultQueue
-	}
-	if o.QueueType == "" {
-		o.QueueType = DefaultQueueType
-	}
-	if o.QueueMessageTTL == 0 {
-		o.QueueMessageTTL = DefaultQueueMessageTTL
-	}
-	if o.Heartbeat == 0 {
-		o.Heartbeat = DefaultHeartbeat
-	}
-	if o.Prefetch == 0 {
-		o.Prefetch = DefaultPrefetch
-	}
-	if o.ConnectTimeout == 0 {
-		o.ConnectTimeout = DefaultConnectTimeout
-	}
-	if o.ReconnectMin == 0 {
-		o.ReconnectMin = DefaultReconnectMin
-	}
-	if o.ReconnectMax == 0 {
-		o.ReconnectMax = DefaultReconnectMax
-	}
-	if o.ConnectionName == "" {
-		o.ConnectionName = DefaultConnectionName
-	}
-	o.Stream.setDefaults()
-	if o.PublishWindow == 0 {
-		o.PublishWindow = DefaultPublishWindow
-	}
-	if o.DecodeWorkers == 0 {
-		o.DecodeWorkers = runtime.GOMAXPROCS(0)
-	}
-	if o.PubAckTimeout == 0 {
-		o.PubAckTimeout = DefaultPubAckTimeout
-	}
-	if o.StreamCheckPeriod == 0 {
-		o.StreamCheckPeriod = DefaultStreamCheckPeriod
-	}
-	if o.MaxBodySize == 0 {
-		o.MaxBodySize = DefaultMaxBodySize
-	}
+	orDefault(&o.Queue, DefaultQueue)
+	orDefault(&o.QueueType, DefaultQueueType)
+	orDefault(&o.QueueMessageTTL, DefaultQueueMessageTTL)
+	orDefault(&o.Heartbeat, DefaultHeartbeat)
+	orDefault(&o.Prefetch, DefaultPrefetch)
+	orDefault(&o.ConnectTimeout, DefaultConnectTimeout)
+	orDefault(&o.ReconnectMin, DefaultReconnectMin)
+	orDefault(&o.ReconnectMax, DefaultReconnectMax)
+	orDefault(&o.ConnectionName, DefaultConnectionName)
+	orDefault(&o.PublishWindow, DefaultPublishWindow)
+	orDefault(&o.PubAckTimeout, DefaultPubAckTimeout)
+	orDefault(&o.StreamCheckPeriod, DefaultStreamCheckPeriod)
+	orDefault(&o.MaxBodySize, DefaultMaxBodySize)
+	orDefault(&o.ShutdownTimeout, DefaultShutdownTimeout)
 	if o.Filter == nil {
 		o.Filter = append([]string(nil), event.DefaultFilter...)
 	}
-	if o.ShutdownTimeout == 0 {
-		o.ShutdownTimeout = DefaultShutdownTimeout
+}
+
+// orDefault sets *p to def when it is the zero value.
+func orDefault[T comparable](p *T, def T) {
+	var zero T
+	if *p == zero {
+		*p = def
 	}
 }
 
-// Validate fills zero fields with their defaults, normalises AMQPURLs (see
-// ParseAMQPURLs) and checks every option without connecting. Its errors name
-// the command-line flag and say how to fix it.
+// Validate fills zero fields with their defaults and checks every option
+// without connecting. Its errors, joined, name the command-line flag and say
+// how to fix it.
 func (o *Options) Validate() error {
 	o.setDefaults()
-	urls, err := ParseAMQPURLs(o.AMQPURLs)
-	if err != nil {
-		return err
-	}
-	if o.AMQPPassword != "" {
-		for i, u := range urls {
-			if urls[i], err = withPassword(u, o.AMQPPassword); err != nil {
-				return fmt.Errorf("--amqp-password: applying it to %s: %v", redactURL(u), err)
-			}
-		}
-	}
-	o.AMQPURLs = urls
-	if !o.TLS.empty() {
+	var errs []error
+	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if urls, err := o.brokerURLs(); err != nil {
+		errs = append(errs, err)
+	} else if !o.TLS.empty() {
 		for _, u := range urls {
 			if !strings.HasPrefix(u, "amqps://") {
-				return fmt.Errorf("--amqp-url %s is not TLS but --amqp-tls-* options are set: "+
+				add("--amqp-url %s is not TLS but --amqp-tls-* options are set: "+
 					"use amqps:// (or ?ssl=1), or drop the TLS options", redactURL(u))
 			}
 		}
-		if _, err := o.TLS.config(); err != nil {
-			return err
+	}
+	if _, err := o.TLS.config(); err != nil {
+		errs = append(errs, err)
+	}
+	for _, n := range [][2]string{{"--exchange", o.Exchange}, {"--queue", o.Queue}, {"--dead-letter-exchange", o.DeadLetterExchange}} {
+		if err := checkAMQPName(n[0], n[1]); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	if err := checkAMQPName("--exchange", o.Exchange); err != nil {
-		return err
-	}
-	if o.Exchange == "" || strings.HasPrefix(o.Exchange, "amq.") {
-		return fmt.Errorf("--exchange %q: give Keystone's control_exchange (default %q), not a broker-reserved amq.* exchange", o.Exchange, DefaultExchange)
+	if strings.HasPrefix(o.Exchange, "amq.") {
+		add("--exchange %q: give Keystone's control_exchange (default %q), not a broker-reserved amq.* exchange", o.Exchange, DefaultExchange)
 	}
 	for _, k := range o.RoutingKeys {
 		if k == "" {
-			return fmt.Errorf("--routing-key: empty key: give <topic>.<priority>, for example %q", DefaultRoutingKey)
+			add("--routing-key: empty key: give <topic>.<priority>, for example %q", DefaultRoutingKey)
+		} else if err := checkAMQPName("--routing-key", k); err != nil {
+			errs = append(errs, err)
 		}
-		if err := checkAMQPName("--routing-key", k); err != nil {
-			return err
-		}
-	}
-	if err := checkAMQPName("--queue", o.Queue); err != nil {
-		return err
 	}
 	if strings.HasPrefix(o.Queue, "amq.") {
-		return fmt.Errorf("--queue %q: names starting with amq. are reserved by RabbitMQ: choose another, for example %q", o.Queue, DefaultQueue)
+		add("--queue %q: names starting with amq. are reserved by RabbitMQ: choose another, for example %q", o.Queue, DefaultQueue)
 	}
 	if o.Queue == DefaultRoutingKey || slices.Contains(o.RoutingKeys, o.Queue) {
-		return fmt.Errorf("--queue %q: that is the queue oslo.messaging itself declares (non-durable) for other consumers: "+
+		add("--queue %q: that is the queue oslo.messaging itself declares (non-durable) for other consumers: "+
 			"give the bridge its own queue, for example %q", o.Queue, DefaultQueue)
 	}
 	if o.QueueType != QueueQuorum && o.QueueType != QueueClassic {
-		return fmt.Errorf("--queue-type %q: must be %q or %q", o.QueueType, QueueQuorum, QueueClassic)
+		add("--queue-type %q: must be %q or %q", o.QueueType, QueueQuorum, QueueClassic)
 	}
 	if o.QueueMessageTTL < time.Second || o.QueueMessageTTL > maxMessageTTL {
-		return fmt.Errorf("--queue-message-ttl %s: must be from 1s to %s (default %s: the services' token_cache_time plus a minute)",
+		add("--queue-message-ttl %s: must be from 1s to %s (default %s: the services' token_cache_time plus a minute)",
 			o.QueueMessageTTL, maxMessageTTL, DefaultQueueMessageTTL)
 	}
-	if err := checkAMQPName("--dead-letter-exchange", o.DeadLetterExchange); err != nil {
-		return err
-	}
 	if o.DeadLetterExchange != "" && o.DeadLetterExchange == o.Exchange {
-		return fmt.Errorf("--dead-letter-exchange %q is Keystone's exchange: rejected messages would come back; give a separate exchange", o.DeadLetterExchange)
+		add("--dead-letter-exchange %q is Keystone's exchange: rejected messages would come back; give a separate exchange", o.DeadLetterExchange)
 	}
 	for _, d := range []struct {
 		flag string
@@ -309,34 +270,44 @@ func (o *Options) Validate() error {
 		{"--shutdown-timeout", o.ShutdownTimeout, time.Millisecond},
 	} {
 		if d.v < d.min {
-			return fmt.Errorf("%s %s: must be at least %s", d.flag, d.v, d.min)
+			add("%s %s: must be at least %s", d.flag, d.v, d.min)
 		}
 	}
 	if o.ReconnectMax < o.ReconnectMin {
-		return fmt.Errorf("--amqp-reconnect-max %s is below --amqp-reconnect-min %s: raise it", o.ReconnectMax, o.ReconnectMin)
+		add("--amqp-reconnect-max %s is below --amqp-reconnect-min %s: raise it", o.ReconnectMax, o.ReconnectMin)
 	}
 	if o.Heartbeat > time.Hour {
-		return fmt.Errorf("--amqp-heartbeat %s: at most 1h (RabbitMQ negotiates seconds up to 65535); 10s is usual", o.Heartbeat)
+		add("--amqp-heartbeat %s: at most 1h (RabbitMQ negotiates seconds up to 65535); 10s is usual", o.Heartbeat)
 	}
 	if o.Prefetch < 1 || o.Prefetch > 65535 {
-		return fmt.Errorf("--prefetch %d: must be from 1 to 65535 (default %d)", o.Prefetch, DefaultPrefetch)
+		add("--prefetch %d: must be from 1 to 65535 (default %d)", o.Prefetch, DefaultPrefetch)
 	}
 	if o.PublishWindow < 1 || o.PublishWindow > 1<<16 {
-		return fmt.Errorf("--publish-window %d: must be from 1 to 65536 (default %d)", o.PublishWindow, DefaultPublishWindow)
-	}
-	if o.DecodeWorkers < 1 || o.DecodeWorkers > 256 {
-		return fmt.Errorf("--decode-workers %d: must be from 1 to 256 (default: the number of CPUs)", o.DecodeWorkers)
+		add("--publish-window %d: must be from 1 to 65536 (default %d)", o.PublishWindow, DefaultPublishWindow)
 	}
 	if o.MaxBodySize < 1024 || o.MaxBodySize > 64<<20 {
-		return fmt.Errorf("--max-body-size %d: must be from 1024 to %d bytes (default %d)", o.MaxBodySize, 64<<20, DefaultMaxBodySize)
+		add("--max-body-size %d: must be from 1024 to %d bytes (default %d)", o.MaxBodySize, 64<<20, DefaultMaxBodySize)
 	}
 	if _, err := event.NewFilter(o.Filter); err != nil {
-		return fmt.Errorf("--filter: %v: patterns use path.Match syntax, for example identity.*.created", err)
+		add("--filter: %v: patterns use path.Match syntax, for example identity.*.created", err)
 	}
-	if err := o.Stream.Validate(); err != nil {
-		return err
+	errs = append(errs, o.Stream.Validate())
+	return errors.Join(errs...)
+}
+
+// brokerURLs is AMQPURLs as the bridge dials them: expanded and normalised
+// (ParseAMQPURLs), with AMQPPassword applied.
+func (o *Options) brokerURLs() ([]string, error) {
+	urls, err := ParseAMQPURLs(o.AMQPURLs)
+	if err != nil || o.AMQPPassword == "" {
+		return urls, err
 	}
-	return nil
+	for i, u := range urls {
+		if urls[i], err = withPassword(u, o.AMQPPassword); err != nil {
+			return nil, fmt.Errorf("--amqp-password: applying it to %s: %v", redactURL(u), err)
+		}
+	}
+	return urls, nil
 }
 
 // checkAMQPName checks a short string of the AMQP protocol (at most 255

@@ -6,6 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 )
 
@@ -136,26 +139,21 @@ func TestValidateDefaults(t *testing.T) {
 			t.Errorf("%s = %v, want %v", c.name, c.got, c.want)
 		}
 	}
-	if got := DefaultStreamConfig().Subjects(); !slices.Equal(got, []string{"keystone.>"}) {
-		t.Errorf("DefaultStreamConfig().Subjects() = %q, want [keystone.>]", got)
-	}
 }
 
-func TestValidateNormalisesURLsAndPassword(t *testing.T) {
-	o := Options{AMQPURLs: []string{"rabbit://u:old@h1,u:old@h2/vh?ssl=1"}, AMQPPassword: "n:e,w@"}
+func TestBrokerURLsNormalisedWithPassword(t *testing.T) {
+	given := []string{"rabbit://u:old@h1,u:old@h2/vh?ssl=1"}
+	o := Options{AMQPURLs: slices.Clone(given), AMQPPassword: "n:e,w@"}
 	if err := o.Validate(); err != nil {
 		t.Fatal(err)
 	}
+	if !slices.Equal(o.AMQPURLs, given) {
+		t.Fatalf("Validate changed AMQPURLs to %q: it fills defaults only", o.AMQPURLs)
+	}
+	got, err := o.brokerURLs()
 	want := []string{"amqps://u:n%3Ae%2Cw%40@h1/vh", "amqps://u:n%3Ae%2Cw%40@h2/vh"}
-	if !slices.Equal(o.AMQPURLs, want) {
-		t.Fatalf("AMQPURLs = %q, want %q", o.AMQPURLs, want)
-	}
-	// Validate is idempotent: the lead validates, then New validates again.
-	if err := o.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	if !slices.Equal(o.AMQPURLs, want) {
-		t.Fatalf("AMQPURLs after a second Validate = %q, want %q", o.AMQPURLs, want)
+	if err != nil || !slices.Equal(got, want) {
+		t.Fatalf("brokerURLs = %q, %v; want %q", got, err, want)
 	}
 }
 
@@ -229,7 +227,12 @@ func TestMetricLabelsBounded(t *testing.T) {
 			t.Errorf("filteredLabel(%q) = %q, want %q", tc.in, got, tc.want)
 		}
 	}
-	if got := widenLabel("something new"); got != "other" {
-		t.Errorf("widenLabel(unknown) = %q, want other", got)
+	m, err := newMetrics(prometheus.NewRegistry(), func() float64 { return 0 })
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.widenedCounter("something new").Inc()
+	if got := promtest.ToFloat64(m.widened.WithLabelValues(widenOther)); got != 1 {
+		t.Errorf("widened_total{reason=other} = %v after an unknown reason, want 1", got)
 	}
 }

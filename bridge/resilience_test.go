@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"net/url"
 	"os"
 	"os/exec"
@@ -14,10 +13,12 @@ import (
 	"testing"
 	"time"
 
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
-	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // lockedBuffer collects a child's stderr.
@@ -333,34 +334,8 @@ func TestStreamDeletedWhileRunning(t *testing.T) {
 	}
 }
 
-// freePort returns a currently free loopback port.
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 func TestClusterWithThreeReplicas(t *testing.T) {
-	var routes []string
-	clusterAddrs := make([]string, 3)
-	for i := range clusterAddrs {
-		clusterAddrs[i] = fmt.Sprintf("127.0.0.1:%d", freePort(t))
-		routes = append(routes, "nats://"+clusterAddrs[i])
-	}
-	var servers []*natsserver.Server
-	for i := range clusterAddrs {
-		s, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir(),
-			ServerName: fmt.Sprintf("node%d", i), Cluster: clusterAddrs[i], Routes: routes, ReadyTimeout: 20 * time.Second})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(s.Shutdown)
-		servers = append(servers, s)
-	}
+	servers := testutil.StartNATSCluster(t, 3, "bridge-test")
 	n := connectNATS(t, servers[0])
 	r := newRig(t)
 	r.stream.Replicas = 3
@@ -368,7 +343,7 @@ func TestClusterWithThreeReplicas(t *testing.T) {
 	testutil.Eventually(t, 60*time.Second, "the 3-replica stream to be created", func() (bool, string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		err := EnsureStream(ctx, n.checkJ, r.stream)
+		err := stream.Ensure(ctx, n.checkJ, r.stream)
 		return err == nil, fmt.Sprint(err)
 	})
 	o := r.options()

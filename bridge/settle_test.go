@@ -1,12 +1,12 @@
 package bridge
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"runtime"
-	"sort"
 	"sync"
 	"testing"
 	"time"
@@ -16,13 +16,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // fakeBroker is an AMQP channel that settles deliveries as RabbitMQ does
 // (an ack with multiple=true settles every unsettled delivery up to its tag;
 // settling an unknown tag closes the channel) and fails the test when a
-// delivery is acked before the acker may know it is safe.
+// delivery is acked before it is known to be safe.
 type fakeBroker struct {
 	t           *testing.T
 	mu          sync.Mutex
@@ -92,7 +93,13 @@ func (f *fakeBroker) Nack(tag uint64, multiple, requeue bool) error {
 	return nil
 }
 
-// outcome is what happens to one delivery in an acker test.
+func (f *fakeBroker) settled() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.acked) + len(f.nacked)
+}
+
+// outcome is what happens to one delivery in a settler test.
 type outcome int
 
 const (
@@ -101,6 +108,7 @@ const (
 	streamError             // the stream replied with an error
 	noResponders            // no stream listens on the subject
 	timedOut                // no reply within PubAckTimeout
+	disconnected            // the NATS connection was lost before the reply
 	notSent                 // the NATS client could not send the publish
 	filtered
 	rejectedAcked
@@ -108,90 +116,90 @@ const (
 	requeued // the event could not be encoded
 )
 
-func (o outcome) settlement() settlement {
-	switch o {
-	case filtered, rejectedAcked:
-		return settleAck
-	case rejectedDeadLettered:
-		return settleDeadLetter
-	case requeued:
-		return settleRequeue
-	}
-	return settlePublished
-}
-
-func (o outcome) publishFailed() bool {
-	return o == streamError || o == noResponders || o == timedOut || o == notSent
-}
-
-const testInbox = "_INBOX.acker-test."
-
-// replyTo is the stream's reply to the publish of delivery tag as outcome
-// o has it, nil for none.
-func replyTo(tag uint64, o outcome) *nats.Msg {
-	m := &nats.Msg{Subject: testInbox + fmt.Sprint(tag), Header: nats.Header{}}
-	switch o {
-	case stored:
-		m.Data = fmt.Appendf(nil, `{"stream":"S","seq":%d}`, tag)
-	case storedDuplicate:
-		m.Data = fmt.Appendf(nil, `{"stream":"S","seq":%d,"duplicate":true}`, tag)
-	case streamError:
-		m.Data = []byte(`{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"}}`)
-	case noResponders:
-		m.Header.Set("Status", "503")
-	default:
-		return nil
-	}
-	return m
-}
-
 func (o outcome) acked() bool {
 	return o == stored || o == storedDuplicate || o == filtered || o == rejectedAcked
 }
 
-// ackerBridge is a Bridge with what the acker uses.
-// Publishes time out after a minute unless the test says otherwise (a
-// reply is never that late here).
-func ackerBridge(t *testing.T, prefetch, window int) *Bridge {
-	m, err := newMetrics(prometheus.NewRegistry())
+func (o outcome) publishFailed() bool {
+	return o == streamError || o == noResponders || o == timedOut || o == disconnected || o == notSent
+}
+
+// fakeFuture is a publish's future that the test resolves.
+type fakeFuture struct {
+	ok  chan *jetstream.PubAck
+	err chan error
+}
+
+func newFakeFuture() *fakeFuture {
+	return &fakeFuture{ok: make(chan *jetstream.PubAck, 1), err: make(chan error, 1)}
+}
+
+func (f *fakeFuture) Ok() <-chan *jetstream.PubAck { return f.ok }
+func (f *fakeFuture) Err() <-chan error            { return f.err }
+func (f *fakeFuture) Msg() *nats.Msg               { return nil }
+
+// resolve ends the publish of delivery tag as outcome o has it.
+func (f *fakeFuture) resolve(tag uint64, o outcome) {
+	switch o {
+	case stored:
+		f.ok <- &jetstream.PubAck{Stream: "S", Sequence: tag}
+	case storedDuplicate:
+		f.ok <- &jetstream.PubAck{Stream: "S", Sequence: tag, Duplicate: true}
+	case streamError:
+		f.err <- &jetstream.APIError{Code: 400, ErrorCode: 10060, Description: "expected stream does not match"}
+	case noResponders:
+		f.err <- jetstream.ErrNoStreamResponse
+	case timedOut:
+		f.err <- jetstream.ErrAsyncPublishTimeout
+	case disconnected:
+		f.err <- nats.ErrDisconnected
+	}
+}
+
+// pendingFor is the delivery tag as the bridge hands it to the settler when
+// its outcome is o, and its future when it was published.
+func pendingFor(tag uint64, o outcome) (*pending, *fakeFuture) {
+	p := &pending{tag: tag, id: fmt.Sprint(tag), typ: "identity.user.updated", since: time.Now(), recv: time.Now()}
+	switch o {
+	case filtered, rejectedAcked:
+	case rejectedDeadLettered:
+		p.how = deadLetter
+	case requeued:
+		p.how = requeue
+	case notSent:
+		p.err = nats.ErrConnectionClosed
+	default:
+		f := newFakeFuture()
+		p.future = f
+		return p, f
+	}
+	return p, nil
+}
+
+// settlerBridge is a Bridge with what the settler's callbacks use.
+func settlerBridge(t *testing.T) *Bridge {
+	m, err := newMetrics(prometheus.NewRegistry(), func() float64 { return 0 })
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Bridge{o: Options{Prefetch: prefetch, PublishWindow: window, PubAckTimeout: time.Minute},
-		m: m, log: slog.New(slog.DiscardHandler)}
+	return &Bridge{m: m, log: slog.New(slog.DiscardHandler), gate: publishGate{lo: time.Millisecond, hi: time.Millisecond}}
 }
 
-func ackerSession(window int) *session {
-	return &session{slots: make(chan struct{}, window), pending: make(chan inflight, window),
-		inbox: testInbox, replies: make(chan *nats.Msg, 2*window+64)}
-}
-
-// runAcker hands the deliveries to an acker in the order given, as workers
-// do, and has the stream reply to each publish from another goroutine, in
-// an order of its own; then it checks that every delivery was settled once,
-// as its outcome requires.
-func runAcker(t *testing.T, rng *rand.Rand, outcomes []outcome, order []int, prefetch, window int) *fakeBroker {
+// runSettler hands the deliveries to a settler in delivery order, as the
+// bridge does, and has the stream end each publish from another goroutine,
+// in an order of its own, with at most window publishes outstanding; then it
+// checks that every delivery was settled once, as its outcome requires.
+func runSettler(t *testing.T, rng *rand.Rand, outcomes []outcome, prefetch, window int) *fakeBroker {
 	t.Helper()
-	b := ackerBridge(t, prefetch, window)
-	for _, o := range outcomes {
-		if o == timedOut {
-			// Only timeouts then: a short one cannot expire another publish.
-			b.o.PubAckTimeout = 20 * time.Millisecond
-		}
-	}
+	b := settlerBridge(t)
 	broker := newFakeBroker(t, len(outcomes))
-	s := ackerSession(window)
-	done := make(chan struct{})
-	go b.acker(s, broker, done)
+	s := newSettler(broker, prefetch, b.published, b.ackFailed)
+	go s.run()
 
-	// The stream's replies come in an order of their own, with noise: a
-	// reply for a publish the acker never heard of, and one on another
-	// subject.
-	s.replies <- &nats.Msg{Subject: testInbox + "999999999", Data: []byte(`{"stream":"S","seq":1}`)}
-	s.replies <- &nats.Msg{Subject: "_INBOX.other.1", Data: []byte(`{"stream":"S","seq":1}`)}
-	replies := make(chan func(), len(outcomes))
+	replies := make(chan func(), window)
 	replierDone := make(chan struct{})
 	replierRng := rand.New(rand.NewPCG(rng.Uint64(), 7))
+	slots := make(chan struct{}, window) // the library's bound on outstanding publishes
 	go func() {
 		defer close(replierDone)
 		var waiting []func()
@@ -199,6 +207,7 @@ func runAcker(t *testing.T, rng *rand.Rand, outcomes []outcome, order []int, pre
 			i := replierRng.IntN(len(waiting))
 			waiting[i]()
 			waiting = append(waiting[:i], waiting[i+1:]...)
+			<-slots
 		}
 		for {
 			select {
@@ -228,41 +237,27 @@ func runAcker(t *testing.T, rng *rand.Rand, outcomes []outcome, order []int, pre
 		}
 	}()
 
-	for _, i := range order {
-		tag, o := uint64(i+1), outcomes[i]
-		it := inflight{tag: tag, how: o.settlement(), id: fmt.Sprint(tag), since: time.Now()}
-		switch o {
-		case filtered, rejectedAcked:
+	for i, o := range outcomes {
+		tag := uint64(i + 1)
+		p, f := pendingFor(tag, o)
+		if o == filtered || o == rejectedAcked {
 			broker.markSafe(tag)
 		}
-		if it.how != settlePublished {
-			s.pending <- it
-			continue
-		}
-		// As handle does: a slot, the hand-over, then the publish.
-		s.slots <- struct{}{}
-		b.m.inFlight.Inc()
-		s.pending <- it
-		if o == notSent {
-			s.pending <- inflight{tag: tag, how: settlePublishFailed, id: it.id}
-			continue
-		}
-		if m := replyTo(tag, o); m != nil {
+		if f != nil {
+			slots <- struct{}{}
 			replies <- func() {
 				if o == stored || o == storedDuplicate {
 					broker.markSafe(tag) // the PubAck is in: the delivery may be acked
 				}
-				s.replies <- m
+				f.resolve(tag, o)
 			}
 		}
+		s.add(p)
 	}
 	close(replies)
 	<-replierDone
-	close(s.pending)
-	select {
-	case <-done:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the acker did not finish within 30s of the last delivery")
+	if !s.close(30 * time.Second) {
+		t.Fatal("the settler did not finish within 30s of the last delivery")
 	}
 
 	want := map[outcome]int{}
@@ -292,54 +287,30 @@ func runAcker(t *testing.T, rng *rand.Rand, outcomes []outcome, order []int, pre
 	if got := promtest.ToFloat64(b.m.duplicates); got != float64(want[storedDuplicate]) {
 		t.Errorf("duplicates_total = %v, want %d", got, want[storedDuplicate])
 	}
-	// The worker counts the publishes it could not send.
-	if got := promtest.ToFloat64(b.m.publishErrors); got != float64(failed-want[notSent]) {
-		t.Errorf("publish_errors_total = %v, want %d", got, failed-want[notSent])
-	}
-	if len(s.slots) != 0 {
-		t.Errorf("%d publish slots not released", len(s.slots))
-	}
-	if got := promtest.ToFloat64(b.m.inFlight); got != 0 {
-		t.Errorf("in_flight = %v, want 0", got)
+	if got := promtest.ToFloat64(b.m.publishErrors); got != float64(failed) {
+		t.Errorf("publish_errors_total = %v, want %d", got, failed)
 	}
 	return broker
 }
 
-// workerOrder is the order in which a few workers hand deliveries 0..n-1
-// over: mostly ascending, with neighbours swapped.
-func workerOrder(rng *rand.Rand, n, workers int) []int {
-	order := make([]int, n)
-	for i := range order {
-		order[i] = i
-	}
-	for i := 0; i+1 < n; i++ {
-		if rng.IntN(workers+1) > 0 {
-			j := min(n-1, i+rng.IntN(workers))
-			order[i], order[j] = order[j], order[i]
-		}
-	}
-	return order
-}
-
-func TestAckerSettlesEveryDeliveryOnceAndNeverEarly(t *testing.T) {
+func TestSettlerSettlesEveryDeliveryOnceAndNeverEarly(t *testing.T) {
 	tests := []struct {
 		name     string
 		n        int
-		workers  int
 		prefetch int
 		window   int
 		mix      []outcome // drawn from uniformly
 	}{
-		{"all stored, in order", 3000, 1, 256, 256, []outcome{stored}},
-		{"all stored, 2 workers", 3000, 2, 256, 256, []outcome{stored, stored, storedDuplicate}},
-		{"mixed outcomes, 4 workers", 3000, 4, 256, 256,
+		{"all stored", 3000, 256, 256, []outcome{stored}},
+		{"stored and duplicates", 3000, 256, 256, []outcome{stored, stored, storedDuplicate}},
+		{"mixed outcomes", 3000, 256, 256,
 			[]outcome{stored, stored, stored, stored, storedDuplicate, streamError, noResponders, notSent, filtered,
-				rejectedAcked, rejectedDeadLettered, requeued}},
-		{"mostly failures", 1000, 2, 256, 64, []outcome{streamError, noResponders, notSent, requeued, stored}},
-		{"replies never come", 300, 2, 256, 64, []outcome{timedOut}},
-		{"time-outs and local outcomes", 300, 2, 256, 64, []outcome{timedOut, notSent, filtered, rejectedDeadLettered, requeued}},
-		{"prefetch 1, window 1", 500, 1, 1, 1, []outcome{stored, filtered, streamError}},
-		{"small prefetch, many workers", 2000, 16, 8, 4, []outcome{stored, stored, filtered, noResponders}},
+				rejectedAcked, rejectedDeadLettered, requeued, disconnected}},
+		{"mostly failures", 1000, 256, 64, []outcome{streamError, noResponders, notSent, requeued, stored}},
+		{"replies never come", 300, 256, 64, []outcome{timedOut}},
+		{"time-outs and local outcomes", 300, 256, 64, []outcome{timedOut, notSent, filtered, rejectedDeadLettered, requeued}},
+		{"prefetch 1, window 1", 500, 1, 1, []outcome{stored, filtered, streamError}},
+		{"small prefetch and window", 2000, 8, 4, []outcome{stored, stored, filtered, noResponders}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -349,7 +320,7 @@ func TestAckerSettlesEveryDeliveryOnceAndNeverEarly(t *testing.T) {
 				for i := range outcomes {
 					outcomes[i] = tt.mix[rng.IntN(len(tt.mix))]
 				}
-				runAcker(t, rng, outcomes, workerOrder(rng, tt.n, tt.workers), tt.prefetch, tt.window)
+				runSettler(t, rng, outcomes, tt.prefetch, tt.window)
 				if t.Failed() {
 					t.Fatalf("seed %d", seed)
 				}
@@ -358,137 +329,79 @@ func TestAckerSettlesEveryDeliveryOnceAndNeverEarly(t *testing.T) {
 	}
 }
 
-// Deliveries settled in order and already resolved are acked with few
-// frames: at most one per quarter of the prefetch count, plus the last.
-func TestAckerAcksManyDeliveriesPerFrame(t *testing.T) {
+// Deliveries already resolved are acked with few frames: at most one per
+// quarter of the prefetch count, plus the last.
+func TestSettlerAcksManyDeliveriesPerFrame(t *testing.T) {
 	const n, prefetch = 2048, 256
-	b := ackerBridge(t, prefetch, n)
+	b := settlerBridge(t)
 	broker := newFakeBroker(t, n)
-	s := ackerSession(n)
+	s := newSettler(broker, prefetch, b.published, b.ackFailed)
+	s.queue = make(chan *pending, n) // all handed over before the settler runs
 	for tag := uint64(1); tag <= n; tag++ {
 		broker.markSafe(tag)
-		s.slots <- struct{}{}
-		s.pending <- inflight{tag: tag, how: settlePublished, since: time.Now()}
+		p, f := pendingFor(tag, stored)
+		f.resolve(tag, stored)
+		s.add(p)
 	}
-	close(s.pending)
-	for tag := uint64(1); tag <= n; tag++ {
-		s.replies <- replyTo(tag, stored)
+	go s.run()
+	if !s.close(10 * time.Second) {
+		t.Fatal("the settler did not finish")
 	}
-	done := make(chan struct{})
-	b.acker(s, broker, done)
 	if len(broker.outstanding) != 0 {
 		t.Fatalf("%d deliveries left unacked", len(broker.outstanding))
 	}
-	// The acker never had to wait: a frame per quarter of the prefetch
-	// count, or per busyCheck events when it is slow.
 	if maxFrames := n / 8; broker.ackFrames > maxFrames {
 		t.Fatalf("%d ack frames for %d deliveries, want at most %d", broker.ackFrames, n, maxFrames)
 	}
 }
 
-// A delivery that never reaches the acker (its session ended while a worker
-// held it) does not keep the later ones from being acked, one by one.
-func TestAckerAcksPastAMissingDelivery(t *testing.T) {
-	const n = 50
-	b := ackerBridge(t, 256, 256)
-	broker := newFakeBroker(t, n)
-	s := ackerSession(n)
-	done := make(chan struct{})
-	go b.acker(s, broker, done)
-	for tag := uint64(2); tag <= n; tag++ { // tag 1 never comes
-		broker.markSafe(tag)
-		s.pending <- inflight{tag: tag, how: settleAck}
-	}
-	// Held acks go out after heldAckDelay, without the session ending.
-	testutil.Eventually(t, 10*time.Second, "deliveries 2-50 acked while delivery 1 is missing", func() (bool, string) {
-		broker.mu.Lock()
-		defer broker.mu.Unlock()
-		return len(broker.outstanding) == 1 && broker.outstanding[1], fmt.Sprintf("outstanding %v", keys(broker.outstanding))
-	})
-	close(s.pending)
-	<-done
-	if broker.ackFrames != n-1 {
-		t.Errorf("%d ack frames, want %d (each on its own)", broker.ackFrames, n-1)
-	}
-}
-
-func keys(m map[uint64]bool) []uint64 {
-	var k []uint64
-	for t := range m {
-		k = append(k, t)
-	}
-	sort.Slice(k, func(i, j int) bool { return k[i] < k[j] })
-	if len(k) > 10 {
-		k = k[:10]
-	}
-	return k
-}
-
-func TestPubAckResult(t *testing.T) {
-	noResponders := &nats.Msg{Header: nats.Header{"Status": []string{"503"}}}
-	tests := []struct {
-		name      string
-		msg       *nats.Msg
-		duplicate bool
-		err       error
-	}{
-		{"stored", &nats.Msg{Data: []byte(`{"stream":"KEYSTONE","seq":12}`)}, false, nil},
-		{"stored in a domain", &nats.Msg{Data: []byte(`{"stream":"KEYSTONE","domain":"hub","seq":12}`)}, false, nil},
-		{"duplicate, as nats-server writes it", &nats.Msg{Data: []byte(`{"stream":"KEYSTONE","seq":12,"duplicate": true}`)}, true, nil},
-		{"duplicate, compact", &nats.Msg{Data: []byte(`{"stream":"KEYSTONE","seq":12,"duplicate":true}`)}, true, nil},
-		{"duplicate false", &nats.Msg{Data: []byte(`{"stream":"KEYSTONE","seq":12,"duplicate":false}`)}, false, nil},
-		{"other key order", &nats.Msg{Data: []byte(`{"seq":12, "stream":"KEYSTONE", "duplicate":true}`)}, true, nil},
-		{"error", &nats.Msg{Data: []byte(`{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}`)}, false,
-			&jetstream.APIError{Code: 503, ErrorCode: 10077}},
-		{"error with stream", &nats.Msg{Data: []byte(`{"stream":"KEYSTONE","error":{"code":400,"err_code":10060,"description":"expected stream does not match"}}`)}, false,
-			&jetstream.APIError{Code: 400, ErrorCode: 10060}},
-		{"no responders", noResponders, false, nats.ErrNoResponders},
-		{"empty", &nats.Msg{}, false, jetstream.ErrInvalidJSAck},
-		{"not JSON", &nats.Msg{Data: []byte(`+OK`)}, false, jetstream.ErrInvalidJSAck},
-		{"no stream", &nats.Msg{Data: []byte(`{"seq":1}`)}, false, jetstream.ErrInvalidJSAck},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			dup, err := pubAckResult(tt.msg)
-			if dup != tt.duplicate || !errors.Is(err, tt.err) && (err == nil || tt.err == nil || err.Error() != tt.err.Error()) {
-				t.Fatalf("pubAckResult = %v, %v; want %v, %v", dup, err, tt.duplicate, tt.err)
-			}
-		})
-	}
-}
-
-// A lost NATS connection loses the replies too: the publications awaiting
-// theirs are nacked and requeued at once, not after PubAckTimeout.
-func TestAckerRequeuesPublishesWhenNATSIsLost(t *testing.T) {
+// A lost NATS connection loses the PubAcks too: the jetstream package fails
+// the publishes awaiting theirs, and their deliveries are nacked and
+// requeued at once, not after PubAckTimeout.
+func TestSettlerRequeuesPublishesWhenNATSIsLost(t *testing.T) {
 	const n = 20
-	b := ackerBridge(t, 256, 256)
-	broker := newFakeBroker(t, n)
-	s := ackerSession(256)
-	s.natsDown = make(chan nats.Status, 1)
-	done := make(chan struct{})
-	go b.acker(s, broker, done)
-	for tag := uint64(1); tag <= n; tag++ {
-		s.slots <- struct{}{}
-		b.m.inFlight.Inc()
-		s.pending <- inflight{tag: tag, how: settlePublished, since: time.Now()}
+	env := startNATS(t)
+	sc := stream.Config{Name: "LOST_" + testutil.NameSuffix(), SubjectPrefix: "lost"}
+	if err := stream.Ensure(context.Background(), env.checkJ, sc); err != nil {
+		t.Fatal(err)
 	}
-	for tag := uint64(1); tag <= n/2; tag++ {
-		broker.markSafe(tag)
-		s.replies <- replyTo(tag, stored)
+	// A subscriber that never answers holds the second half's PubAcks.
+	if _, err := env.check.Subscribe("held.>", func(*nats.Msg) {}); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.check.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	js, err := jetstream.New(env.nc, jetstream.WithPublishAsyncTimeout(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := settlerBridge(t)
+	broker := newFakeBroker(t, n)
+	s := newSettler(broker, 256, b.published, b.ackFailed)
+	go s.run()
+	for tag := uint64(1); tag <= n; tag++ {
+		subject := "lost.notification.identity.user.updated"
+		if tag > n/2 {
+			subject = "held.x"
+		} else {
+			broker.markSafe(tag)
+		}
+		f, err := js.PublishMsgAsync(&nats.Msg{Subject: subject, Data: []byte("{}"),
+			Header: nats.Header{jetstream.MsgIDHeader: []string{fmt.Sprint(tag)}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.add(&pending{tag: tag, future: f, since: time.Now(), recv: time.Now()})
 	}
 	testutil.Eventually(t, 10*time.Second, "the first half acked", func() (bool, string) {
-		broker.mu.Lock()
-		defer broker.mu.Unlock()
-		return len(broker.acked) == n/2, fmt.Sprintf("%d acked", len(broker.acked))
+		return broker.settled() == n/2, fmt.Sprintf("%d settled", broker.settled())
 	})
-	s.natsDown <- nats.RECONNECTING
+	env.srv.Shutdown()
 	testutil.Eventually(t, 10*time.Second, "the second half nacked", func() (bool, string) {
-		broker.mu.Lock()
-		defer broker.mu.Unlock()
-		return len(broker.outstanding) == 0, fmt.Sprintf("outstanding %v", keys(broker.outstanding))
+		return broker.settled() == n, fmt.Sprintf("%d settled", broker.settled())
 	})
-	close(s.pending)
-	<-done
+	s.close(time.Second)
 	for tag := uint64(n/2 + 1); tag <= n; tag++ {
 		if broker.nacked[tag] != 1 || !broker.requeued[tag] {
 			t.Errorf("delivery %d: nacked %d times, requeue %v; want nacked once, requeued", tag, broker.nacked[tag], broker.requeued[tag])
@@ -496,8 +409,5 @@ func TestAckerRequeuesPublishesWhenNATSIsLost(t *testing.T) {
 	}
 	if got := promtest.ToFloat64(b.m.publishErrors); got != n/2 {
 		t.Errorf("publish_errors_total = %v, want %d", got, n/2)
-	}
-	if len(s.slots) != 0 {
-		t.Errorf("%d publish slots not released", len(s.slots))
 	}
 }

@@ -126,8 +126,8 @@ func TestAMQPSWithMutualTLS(t *testing.T) {
 	o.AMQPURLs = []string{"rabbit://guest:guest@" + addr + "/?ssl=1"}
 	o.TLS = TLSOptions{CAFile: pki.caFile, CertFile: pki.clientCert, KeyFile: pki.clientKey, ServerName: "rabbit.test"}
 	br := startBridge(t, o, n.nc)
-	if !strings.HasPrefix(br.b.Options().AMQPURLs[0], "amqps://") {
-		t.Fatalf("URL %s, want amqps://", br.b.Options().AMQPURLs[0])
+	if !strings.HasPrefix(br.b.urls[0], "amqps://") {
+		t.Fatalf("URL %s, want amqps://", br.b.urls[0])
 	}
 	msgs, ids := notifications(20)
 	r.publish(msgs...)
@@ -146,7 +146,7 @@ func TestAMQPSRejectsWrongServerName(t *testing.T) {
 	o := r.options()
 	o.AMQPURLs = []string{"amqps://guest:guest@" + addr + "/"}
 	o.TLS = TLSOptions{CAFile: pki.caFile, CertFile: pki.clientCert, KeyFile: pki.clientKey, ServerName: "not-rabbit.test"}
-	b, err := New(o, n.nc, prometheus.NewRegistry(), testLogger(t))
+	b, err := New(o, n.nc, prometheus.NewRegistry(), testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

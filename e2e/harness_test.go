@@ -22,13 +22,14 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 )
 
 // streamName is the bridge's default stream; every test has its own NATS.
-const streamName = "KEYSTONE"
+const streamName = stream.DefaultName
 
 // readyTimeout bounds how long a process may take to become ready.
 const readyTimeout = 60 * time.Second
@@ -258,16 +259,6 @@ func (p *proc) signalQuiet() error {
 
 // ---- NATS ----
 
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("finding a free port: %v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 func (e *env) startNATS() {
 	t := e.t
 	t.Helper()
@@ -280,22 +271,8 @@ func (e *env) startNATS() {
 		n := &natsNode{srv: srv, opts: o, addr: srv.Addr()}
 		e.nodes = []*natsNode{n}
 	} else {
-		cports := []int{freePort(t), freePort(t), freePort(t)}
-		for i := range 3 {
-			var routes []string
-			for j, p := range cports {
-				if j != i {
-					routes = append(routes, fmt.Sprintf("nats://127.0.0.1:%d", p))
-				}
-			}
-			o := natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir(), ServerName: fmt.Sprintf("e2e-n%d", i+1),
-				Cluster: fmt.Sprintf("127.0.0.1:%d", cports[i]), ClusterName: "e2e-" + e.suffix, Routes: routes,
-				ReadyTimeout: 30 * time.Second}
-			srv, err := natsserver.Start(o)
-			if err != nil {
-				t.Fatalf("starting NATS cluster node %d: %v", i+1, err)
-			}
-			e.nodes = append(e.nodes, &natsNode{srv: srv, opts: o, addr: srv.Addr()})
+		for _, srv := range testutil.StartNATSCluster(t, 3, "e2e-"+e.suffix) {
+			e.nodes = append(e.nodes, &natsNode{srv: srv, opts: srv.Options(), addr: srv.Addr()})
 		}
 	}
 	t.Cleanup(func() {

@@ -38,6 +38,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 // Invalidator removes the token cache entries that events make stale from
@@ -89,6 +90,8 @@ type Agent struct {
 	tr   tracker
 	in   chan *item
 	held heldSet
+
+	consumer string // the region's durable consumer (stream.ConsumerName)
 
 	running atomic.Bool
 	bound   atomic.Bool
@@ -189,6 +192,7 @@ func New(o Options, nc *nats.Conn, inv Invalidator, reg prometheus.Registerer, l
 	if err := reg.Register(live); err != nil {
 		return nil, fmt.Errorf("regionagent: registering metrics: %w", err)
 	}
+	a.consumer = stream.ConsumerName(o.Region)
 	return a, nil
 }
 
@@ -229,7 +233,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.auditLoop(runCtx)
 	}()
 
-	a.log.Info("region agent starting", "stream", a.o.Stream, "consumer", a.o.Region,
+	a.log.Info("region agent starting", "stream", a.o.Stream, "consumer", a.consumer,
 		"token_cache_time", a.o.TokenCacheTime, "second_pass_delay", a.o.SecondPassDelay,
 		"batch_size", a.o.BatchSize, "max_ack_pending", a.o.MaxAckPending)
 	err := a.consume(runCtx)
@@ -262,9 +266,9 @@ func (a *Agent) Ready() error {
 		last := a.lastBindErr
 		a.mu.Unlock()
 		if last != nil {
-			errs = append(errs, fmt.Errorf("not consuming from consumer %s of stream %s: %w", a.o.Region, a.o.Stream, last))
+			errs = append(errs, fmt.Errorf("not consuming from consumer %s of stream %s: %w", a.consumer, a.o.Stream, last))
 		} else {
-			errs = append(errs, fmt.Errorf("not consuming from consumer %s of stream %s yet", a.o.Region, a.o.Stream))
+			errs = append(errs, fmt.Errorf("not consuming from consumer %s of stream %s yet", a.consumer, a.o.Stream))
 		}
 	}
 	if p, ok := a.inv.(Pinger); ok {
@@ -363,7 +367,7 @@ func (a *Agent) consume(ctx context.Context) error {
 
 func (a *Agent) consumerConfig(start time.Time) jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
-		Durable:       a.o.Region,
+		Durable:       a.consumer,
 		Description:   "keystone-fanout region agent of " + a.o.Region,
 		DeliverPolicy: jetstream.DeliverByStartTimePolicy,
 		OptStartTime:  &start,
@@ -391,7 +395,7 @@ func (a *Agent) bind(ctx context.Context) (jetstream.Consumer, error) {
 	}
 	a.streamSeen.Store(true)
 	a.noteServerTime(s.CachedInfo().TimeStamp)
-	cons, err := s.Consumer(ctx, a.o.Region)
+	cons, err := s.Consumer(ctx, a.consumer)
 	created := false
 	switch {
 	case errors.Is(err, jetstream.ErrConsumerNotFound):
@@ -399,21 +403,21 @@ func (a *Agent) bind(ctx context.Context) (jetstream.Consumer, error) {
 		cons, err = s.CreateConsumer(ctx, a.consumerConfig(start))
 		if errors.Is(err, jetstream.ErrConsumerExists) {
 			// Another agent of the region created it meanwhile.
-			cons, err = s.Consumer(ctx, a.o.Region)
+			cons, err = s.Consumer(ctx, a.consumer)
 			if err == nil {
 				cons, err = a.adopt(ctx, s, cons)
 			}
 		} else if err == nil {
 			created = true
 			a.m.recreations.Inc()
-			a.log.Info("created the region's consumer", "stream", a.o.Stream, "consumer", a.o.Region,
+			a.log.Info("created the region's consumer", "stream", a.o.Stream, "consumer", a.consumer,
 				"deliver_from", start.UTC().Format(time.RFC3339Nano))
 		}
 	case err == nil:
 		cons, err = a.adopt(ctx, s, cons)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("consumer %s of stream %s: %w", a.o.Region, a.o.Stream, err)
+		return nil, fmt.Errorf("consumer %s of stream %s: %w", a.consumer, a.o.Stream, err)
 	}
 	ci := cons.CachedInfo()
 	if !created {
@@ -455,7 +459,7 @@ func (a *Agent) handBackOrphans(ctx context.Context, s jetstream.Stream, ci *jet
 	}
 	rctx, cancel := context.WithTimeout(ctx, resetTimeout)
 	defer cancel()
-	resp, err := s.ResetConsumer(rctx, a.o.Region)
+	resp, err := s.ResetConsumer(rctx, a.consumer)
 	if err != nil {
 		a.m.consumerErrors.WithLabelValues(consumerErrReset).Inc()
 		a.log.Warn("cannot reset the consumer to its ack floor (needs NATS server 2.14 or later): "+
@@ -477,7 +481,7 @@ func (a *Agent) adopt(ctx context.Context, s jetstream.Stream, cons jetstream.Co
 	have := cons.CachedInfo().Config
 	if have.AckPolicy != jetstream.AckExplicitPolicy || have.DeliverSubject != "" || have.HeadersOnly {
 		return nil, fmt.Errorf("it exists but is not a pull consumer with explicit acks and bodies (not created by keystone-fanout?): "+
-			"delete it (nats consumer rm %s %s) and the agent creates it", a.o.Stream, a.o.Region)
+			"delete it (nats consumer rm %s %s) and the agent creates it", a.o.Stream, a.consumer)
 	}
 	want := have
 	want.Description = "keystone-fanout region agent of " + a.o.Region
@@ -495,7 +499,7 @@ func (a *Agent) adopt(ctx context.Context, s jetstream.Stream, cons jetstream.Co
 	if err != nil {
 		return nil, fmt.Errorf("updating its settings: %w", err)
 	}
-	a.log.Info("updated the consumer's settings", "consumer", a.o.Region, "max_ack_pending", want.MaxAckPending,
+	a.log.Info("updated the consumer's settings", "consumer", a.consumer, "max_ack_pending", want.MaxAckPending,
 		"backoff", want.BackOff)
 	return updated, nil
 }
@@ -596,11 +600,11 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 		jetstream.WithMessagesErrOnMissingHeartbeat(true),
 	)
 	if err != nil {
-		return fmt.Errorf("consuming from %s: %w", a.o.Region, err)
+		return fmt.Errorf("consuming from %s: %w", a.consumer, err)
 	}
 	defer stopIterator(it)
 	a.setBound(true)
-	a.log.Info("consuming", "stream", a.o.Stream, "consumer", a.o.Region)
+	a.log.Info("consuming", "stream", a.o.Stream, "consumer", a.consumer)
 	for {
 		msg, err := it.Next(jetstream.NextContext(ctx))
 		if err == nil {
@@ -616,39 +620,35 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 			_, ierr := cons.Info(ctx)
 			if errors.Is(ierr, jetstream.ErrConsumerNotFound) {
 				a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
-				return fmt.Errorf("consumer %s was deleted", a.o.Region)
+				return fmt.Errorf("consumer %s was deleted", a.consumer)
 			}
 			// Otherwise NATS is away or busy: the iterator pulls again once it
 			// is back.
 			a.log.Debug("missed consumer heartbeats", "info_err", ierr)
 		case errors.Is(err, jetstream.ErrConsumerDeleted):
 			a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
-			return fmt.Errorf("consumer %s was deleted", a.o.Region)
+			return fmt.Errorf("consumer %s was deleted", a.consumer)
 		default:
 			a.m.consumerErrors.WithLabelValues(consumerErrIterator).Inc()
-			return fmt.Errorf("consuming from %s: %w", a.o.Region, err)
+			return fmt.Errorf("consuming from %s: %w", a.consumer, err)
 		}
 	}
 }
 
-// stopIterator stops it and waits, up to a second, until its subscription is
-// gone: JetStream may otherwise still deliver to it, and a message delivered
-// to a stopped iterator is lost until its redelivery.
+// stopIterator stops it with Drain: JetStream may still deliver to its
+// subscription until the server has seen the unsubscribe, and a message
+// delivered to a stopped iterator would be lost until its redelivery. The
+// messages that arrive meanwhile, for up to a second, are handed back (nak)
+// for redelivery at once.
 func stopIterator(it jetstream.MessagesContext) {
-	it.Stop()
-	c, ok := it.(interface{ Closed() <-chan struct{} })
-	if !ok {
-		return
-	}
+	it.Drain()
 	deadline := time.Now().Add(time.Second)
-	for time.Now().Before(deadline) {
-		// Closed closes the channel it returns once the subscription is
-		// no longer valid, when called after that.
-		select {
-		case <-c.Closed():
-			return
-		case <-time.After(5 * time.Millisecond):
+	for wait := time.Until(deadline); wait > 0; wait = time.Until(deadline) {
+		msg, err := it.Next(jetstream.NextMaxWait(wait))
+		if err != nil {
+			return // jetstream.ErrMsgIteratorClosed once drained
 		}
+		_ = msg.Nak()
 	}
 }
 

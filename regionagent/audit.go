@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 // auditLoop runs auditOnce every Options.AuditInterval until ctx ends.
@@ -41,7 +43,7 @@ func (a *Agent) auditOnce(ctx context.Context, final bool) {
 	}
 	si := s.CachedInfo()
 	a.noteServerTime(si.TimeStamp)
-	cons, err := s.Consumer(ctx, a.o.Region)
+	cons, err := s.Consumer(ctx, a.consumer)
 	if err != nil {
 		if errors.Is(err, jetstream.ErrConsumerNotFound) && a.bound.Load() && !final {
 			a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
@@ -140,12 +142,12 @@ func (a *Agent) loadCheckpoint(ctx context.Context) (*Checkpoint, error) {
 	if err != nil {
 		return nil, err
 	}
-	e, err := kv.Get(ctx, a.o.Region)
+	e, err := kv.Get(ctx, stream.CheckpointKey(a.o.Region))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("checkpoint %s/%s: %w", a.o.CheckpointBucket, a.o.Region, err)
+		return nil, fmt.Errorf("checkpoint %s/%s: %w", a.o.CheckpointBucket, stream.CheckpointKey(a.o.Region), err)
 	}
 	var cp Checkpoint
 	if err := json.Unmarshal(e.Value(), &cp); err != nil {
@@ -171,7 +173,7 @@ func (a *Agent) writeCheckpoint(ctx context.Context, cp Checkpoint) {
 	if err == nil {
 		cp.Updated = time.Now().UTC()
 		b, _ := json.Marshal(cp)
-		_, err = kv.Put(ctx, a.o.Region, b)
+		_, err = kv.Put(ctx, stream.CheckpointKey(a.o.Region), b)
 	}
 	if err != nil {
 		a.m.checkpointErrors.Inc()

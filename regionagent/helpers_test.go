@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -20,21 +17,15 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 const (
-	testStream = "KEYSTONE"
-	testPrefix = "keystone"
+	testStream = stream.DefaultName
+	testPrefix = stream.DefaultSubjectPrefix
 	testRegion = "regionTwo"
 )
-
-func testLogger(t testing.TB) *slog.Logger {
-	if os.Getenv("REGIONAGENT_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("test", t.Name())
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
 
 func connect(t testing.TB, url string) *nats.Conn {
 	t.Helper()
@@ -57,7 +48,7 @@ type testEnv struct {
 
 func newEnv(t testing.TB, mutate ...func(*jetstream.StreamConfig)) *testEnv {
 	t.Helper()
-	srv := natsserver.StartTest(t)
+	srv := testutil.StartNATS(t)
 	nc := connect(t, srv.ClientURL())
 	js, err := jetstream.New(nc)
 	if err != nil {
@@ -102,7 +93,7 @@ func (e *testEnv) publish(evs ...event.Event) []uint64 {
 		if err != nil {
 			e.t.Fatal(err)
 		}
-		f, err := e.js.PublishAsync(evs[i].Subject(testPrefix), b, jetstream.WithMsgID(evs[i].ID))
+		f, err := e.js.PublishAsync(stream.Subject(testPrefix, &evs[i]), b, jetstream.WithMsgID(evs[i].ID))
 		if err != nil {
 			e.t.Fatalf("publishing %s: %v", evs[i].ID, err)
 		}
@@ -271,7 +262,7 @@ func testOptions() Options {
 func startAgent(t testing.TB, nc *nats.Conn, o Options, inv Invalidator) *runningAgent {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	a, err := New(o, nc, inv, reg, testLogger(t))
+	a, err := New(o, nc, inv, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}

@@ -89,7 +89,7 @@ func TestWithMemcachedAndMiddleware(t *testing.T) {
 	}
 
 	reg := prometheus.NewRegistry()
-	tc, err := tokencache.NewInvalidator(cluster, tokencache.Options{}, reg, testLogger(t))
+	tc, err := tokencache.NewInvalidator(cluster, tokencache.Options{}, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,11 +5,13 @@ import (
 	"fmt"
 	"regexp"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 // Defaults of Options. A zero field means its default.
 const (
-	DefaultStream            = "KEYSTONE"
+	DefaultStream            = stream.DefaultName
 	DefaultTokenCacheTime    = 300 * time.Second
 	DefaultReplayMargin      = 60 * time.Second
 	DefaultSecondPassDelay   = 2 * time.Second
@@ -21,7 +23,7 @@ const (
 	DefaultInvalidateTimeout = 60 * time.Second
 	DefaultAuditInterval     = 5 * time.Second
 	DefaultHeartbeat         = 5 * time.Second
-	DefaultCheckpointBucket  = "keystone-fanout-agents"
+	DefaultCheckpointBucket  = stream.DefaultCheckpointBucket
 	DefaultShutdownTimeout   = 10 * time.Second
 	DefaultReadyTimeout      = 2 * time.Second
 	DefaultResolveWait       = 2 * time.Second
@@ -288,7 +290,7 @@ func (o *Options) setDefaults() {
 }
 
 var (
-	streamPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,255}$`)
+	domainPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,255}$`)
 	bucketPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,200}$`)
 )
 
@@ -305,10 +307,10 @@ func (o *Options) Validate() error {
 	case !regionPattern.MatchString(o.Region):
 		add("--region %q: a region name must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-' (it names the JetStream consumer), for example regionTwo", o.Region)
 	}
-	if !streamPattern.MatchString(o.Stream) {
-		add("--stream %q: a JetStream stream name is made of A-Z, a-z, 0-9, '_' and '-'; use the bridge's --stream (default %s)", o.Stream, DefaultStream)
+	if err := stream.CheckName(o.Stream); err != nil {
+		errs = append(errs, fmt.Errorf("%w; use the bridge's --stream", err))
 	}
-	if o.JetStreamDomain != "" && !streamPattern.MatchString(o.JetStreamDomain) {
+	if o.JetStreamDomain != "" && !domainPattern.MatchString(o.JetStreamDomain) {
 		add("--js-domain %q: a JetStream domain is made of A-Z, a-z, 0-9, '_' and '-'", o.JetStreamDomain)
 	}
 	if o.TokenCacheTime < time.Second {

@@ -2,13 +2,11 @@ package regionagent
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
@@ -51,60 +49,20 @@ const (
 	maxDeletedDetails = 100000
 )
 
-// errMsgGone is a get's answer when the stream no longer holds the sequence.
-var errMsgGone = errors.New("no message at this sequence")
-
-// storedMsg is a message read from the stream by sequence.
-type storedMsg struct {
-	Subject string    `json:"subject"`
-	Seq     uint64    `json:"seq"`
-	Header  []byte    `json:"hdrs,omitempty"`
-	Data    []byte    `json:"data,omitempty"`
-	Time    time.Time `json:"time"`
-}
-
-// apiPrefix is the subject prefix of the JetStream API the agent talks to.
-func (a *Agent) apiPrefix() string {
-	if a.o.JetStreamDomain != "" {
-		return "$JS." + a.o.JetStreamDomain + ".API."
-	}
-	return jetstream.DefaultAPIPrefix
-}
-
-// getMsg reads the message at seq from the stream leader.
-func (a *Agent) getMsg(ctx context.Context, seq uint64) (*storedMsg, error) {
+// getMsg reads the message at seq from the stream. The stream as the bridge
+// creates it has no direct gets, so the leader answers (jetstream's GetMsg
+// asks any replica when an operator enabled them: one that lags may answer
+// "not found" for a stored message, which is then taken for a gap and
+// costs a sweep, never a stale entry).
+func getMsg(ctx context.Context, s jetstream.Stream, seq uint64) (*jetstream.RawStreamMsg, error) {
 	ctx, cancel := context.WithTimeout(ctx, skippedGetTimeout)
 	defer cancel()
-	req := fmt.Appendf(nil, `{"seq":%d}`, seq)
-	reply, err := a.nc.RequestWithContext(ctx, a.apiPrefix()+"STREAM.MSG.GET."+a.o.Stream, req)
-	if err != nil {
-		return nil, err
-	}
-	var resp struct {
-		Error *struct {
-			Code        int    `json:"code"`
-			ErrCode     int    `json:"err_code"`
-			Description string `json:"description"`
-		} `json:"error"`
-		Message *storedMsg `json:"message"`
-	}
-	if err := json.Unmarshal(reply.Data, &resp); err != nil {
-		return nil, fmt.Errorf("reading the answer to a get of sequence %d: %w", seq, err)
-	}
-	switch {
-	case resp.Error != nil && resp.Error.ErrCode == int(jetstream.JSErrCodeMessageNotFound):
-		return nil, errMsgGone
-	case resp.Error != nil:
-		return nil, fmt.Errorf("get of sequence %d: %s (code %d, error code %d)", seq, resp.Error.Description, resp.Error.Code, resp.Error.ErrCode)
-	case resp.Message == nil || resp.Message.Seq != seq:
-		return nil, fmt.Errorf("get of sequence %d: no message in the answer", seq)
-	}
-	return resp.Message, nil
+	return s.GetMsg(ctx, seq)
 }
 
 // fetchResult is what fetching a skipped range found.
 type fetchResult struct {
-	found  map[uint64]*storedMsg
+	found  map[uint64]*jetstream.RawStreamMsg
 	gone   []uint64
 	failed int
 	err    error // the first failure
@@ -115,21 +73,28 @@ type fetchResult struct {
 // failure (NATS away, a permission missing: the stream's state decides for
 // the sequences not fetched).
 func (a *Agent) fetchSkipped(ctx context.Context, r seqRange) fetchResult {
-	res := fetchResult{found: map[uint64]*storedMsg{}}
+	res := fetchResult{found: map[uint64]*jetstream.RawStreamMsg{}}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	sctx, scancel := context.WithTimeout(ctx, skippedGetTimeout)
+	s, err := a.js.Stream(sctx, a.o.Stream)
+	scancel()
+	if err != nil {
+		res.failed, res.err = int(r.len()), err
+		return res
+	}
 	var mu sync.Mutex
 	seqs := make(chan uint64)
 	var wg sync.WaitGroup
 	for range min(skippedFetchParallel, int(r.len())) {
 		wg.Go(func() {
 			for seq := range seqs {
-				m, err := a.getMsg(ctx, seq)
+				m, err := getMsg(ctx, s, seq)
 				mu.Lock()
 				switch {
 				case err == nil:
 					res.found[seq] = m
-				case errors.Is(err, errMsgGone):
+				case errors.Is(err, jetstream.ErrMsgNotFound):
 					res.gone = append(res.gone, seq)
 					cancel()
 				case ctx.Err() != nil:
@@ -160,7 +125,7 @@ send:
 
 // goneFromStream tells from the stream's state whether a sequence of r not in
 // known may be gone. why says what decided it.
-func (a *Agent) goneFromStream(ctx context.Context, r seqRange, known map[uint64]*storedMsg) (gone bool, why string) {
+func (a *Agent) goneFromStream(ctx context.Context, r seqRange, known map[uint64]*jetstream.RawStreamMsg) (gone bool, why string) {
 	ctx, cancel := context.WithTimeout(ctx, skippedGetTimeout)
 	defer cancel()
 	s, err := a.js.Stream(ctx, a.o.Stream)
@@ -207,7 +172,7 @@ func (a *Agent) resolveSkipped(ctx context.Context, gen uint64, r seqRange, next
 		res = a.fetchSkipped(fctx, r)
 		cancel()
 	} else {
-		res.found = map[uint64]*storedMsg{}
+		res.found = map[uint64]*jetstream.RawStreamMsg{}
 	}
 	if ctx.Err() != nil {
 		// Stopping: the sequences stay unhandled (the checkpoint stays below
@@ -274,16 +239,10 @@ func (a *Agent) checkSkipped(gen uint64, r seqRange, next time.Time) {
 // storedEvent is the event of a message fetched from the stream. Such a
 // message is also delivered, or was, so an undecodable one is counted and
 // logged when it is.
-func (a *Agent) storedEvent(m *storedMsg) event.Event {
-	var msgID string
-	if len(m.Header) > 0 {
-		if h, err := nats.DecodeHeadersMsg(m.Header); err == nil {
-			msgID = h.Get(jetstream.MsgIDHeader)
-		}
-	}
+func (a *Agent) storedEvent(m *jetstream.RawStreamMsg) event.Event {
 	ev, err := event.Unmarshal(m.Data)
 	if err != nil {
-		return undecodableEvent(msgID, m.Time)
+		return undecodableEvent(m.Header.Get(jetstream.MsgIDHeader), m.Time)
 	}
 	return ev
 }

@@ -61,7 +61,7 @@ func TestResolveSkipped(t *testing.T) {
 			if tc.stream != "" {
 				o.Stream = tc.stream
 			}
-			a, err := New(o, env.nc, &fakeInvalidator{}, prometheus.NewRegistry(), testLogger(t))
+			a, err := New(o, env.nc, &fakeInvalidator{}, prometheus.NewRegistry(), testutil.Logger(t))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/app"
 	"github.com/keystone-fanout/keystone-fanout/internal/config"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/regionagent"
 )
 
@@ -76,7 +77,7 @@ type statusFlags struct {
 
 func (f *statusFlags) register(s *config.Set) {
 	registerNATS(s, &f.o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-	s.String(&f.o.Stream, "stream", "KEYSTONE", "JetStream stream carrying the events")
+	s.String(&f.o.Stream, "stream", stream.DefaultName, "JetStream stream carrying the events")
 	s.String(&f.o.CheckpointBucket, "checkpoint-bucket", regionagent.DefaultCheckpointBucket, "the agents' --checkpoint-bucket")
 	s.Bool(&f.o.JSON, "json", false, "print JSON")
 	s.String(&f.logFormat, "log-format", "text", "log format: json or text")
@@ -169,7 +170,7 @@ func runSweep(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	var o app.SweepOptions
 	s := config.New("sweep", sweepUsage, stderr)
 	registerNATS(s, &o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-	s.String(&o.SubjectPrefix, "subject-prefix", "keystone", "first token of the stream's subjects")
+	s.String(&o.SubjectPrefix, "subject-prefix", stream.DefaultSubjectPrefix, "first token of the stream's subjects")
 	s.String(&o.Reason, "reason", "", "why every region should drop its cached tokens (logged by every agent)")
 	if err := s.Parse(args, getenv); err != nil {
 		return parseErr(err)

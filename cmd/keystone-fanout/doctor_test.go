@@ -13,14 +13,14 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/doctor"
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
-	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // TestDoctorCommand runs `keystone-fanout doctor agent` as an operator would,
 // with --oslo-config and --json: exit status 0 when nothing blocks, 1 when a
 // finding does (a memcached started with -X), 2 for a mistake in the flags.
 func TestDoctorCommand(t *testing.T) {
-	nats := natsserver.StartTest(t)
+	nats := testutil.StartNATS(t)
 	nc, err := natsgo.Connect(nats.ClientURL())
 	if err != nil {
 		t.Fatal(err)

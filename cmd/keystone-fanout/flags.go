@@ -15,6 +15,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 // common are the flags of every long-running command.
@@ -69,9 +70,9 @@ func registerEmbedded(s *config.Set, o *natsserver.Options) {
 	s.String(&o.DataDir, "data-dir", "/var/lib/keystone-fanout", "directory of the embedded NATS server's JetStream storage")
 }
 
-// registerStream registers the stream's flags, shared by the bridge and the agent.
-func registerStream(s *config.Set, c *bridge.StreamConfig) {
-	d := bridge.DefaultStreamConfig()
+// registerStream registers the stream's name and subject prefix flags.
+func registerStream(s *config.Set, c *stream.Config) {
+	d := stream.Default()
 	s.String(&c.Name, "stream", d.Name, "JetStream stream carrying the events")
 	s.String(&c.SubjectPrefix, "subject-prefix", d.SubjectPrefix, "first token of the stream's subjects (<prefix>.>)")
 }
@@ -105,14 +106,14 @@ func (f *bridgeFlags) register(s *config.Set) {
 	s.Duration(&o.ConnectTimeout, "amqp-connect-timeout", bridge.DefaultConnectTimeout, "bound on connecting to one broker and setting up the queue")
 	s.Duration(&o.ReconnectMin, "amqp-reconnect-min", bridge.DefaultReconnectMin, "first wait before reconnecting to RabbitMQ; doubles up to --amqp-reconnect-max")
 	s.Duration(&o.ReconnectMax, "amqp-reconnect-max", bridge.DefaultReconnectMax, "longest wait between reconnection rounds (the bridge never gives up)")
-	s.Int(&o.DecodeWorkers, "decode-workers", 0, "goroutines decoding notifications (default: the number of CPUs)")
+	s.Int(&o.DecodeWorkers, "decode-workers", 0, "ignored (one goroutine decodes, in delivery order); kept so that existing configurations start")
 	s.Duration(&o.StreamCheckPeriod, "stream-check-period", bridge.DefaultStreamCheckPeriod, "how often readiness re-checks the stream (and re-creates it if it vanished)")
 	s.Int(&o.Prefetch, "prefetch", bridge.DefaultPrefetch, "unacknowledged deliveries RabbitMQ sends ahead")
 	s.Int(&o.PublishWindow, "publish-window", bridge.DefaultPublishWindow, "JetStream publishes awaiting their PubAck at once")
 	s.Duration(&o.PubAckTimeout, "puback-timeout", bridge.DefaultPubAckTimeout, "how long a publish waits for JetStream's PubAck before the delivery is requeued")
 	s.Int(&o.MaxBodySize, "max-body-size", bridge.DefaultMaxBodySize, "largest notification body decoded, in bytes; larger ones are rejected")
 	s.List(&o.Filter, "filter", event.DefaultFilter, "event type patterns acknowledged without publishing (token-affecting types are never filtered)")
-	d := bridge.DefaultStreamConfig()
+	d := stream.Default()
 	registerStream(s, &o.Stream)
 	s.Duration(&o.Stream.MaxAge, "stream-max-age", d.MaxAge, "how long the stream keeps events; an agent away longer sweeps its caches")
 	s.Int(&o.Stream.Replicas, "stream-replicas", d.Replicas, "stream replicas (3 on a NATS cluster)")

@@ -10,7 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keystone-fanout/keystone-fanout/bridge"
 	"github.com/keystone-fanout/keystone-fanout/internal/config"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 const (
@@ -72,8 +74,12 @@ topics = notifications,audit
 			if err := f.b.Validate(); err != nil {
 				t.Fatal(err)
 			}
-			if f.b.Exchange != tc.exchange || !slices.Equal(f.b.AMQPURLs, tc.urls) || !slices.Equal(f.b.RoutingKeys, tc.keys) {
-				t.Fatalf("exchange %q urls %q keys %q, want %q %q %q", f.b.Exchange, f.b.AMQPURLs, f.b.RoutingKeys, tc.exchange, tc.urls, tc.keys)
+			urls, err := bridge.ParseAMQPURLs(f.b.AMQPURLs) // as the bridge reads them
+			if err != nil {
+				t.Fatal(err)
+			}
+			if f.b.Exchange != tc.exchange || !slices.Equal(urls, tc.urls) || !slices.Equal(f.b.RoutingKeys, tc.keys) {
+				t.Fatalf("exchange %q urls %q keys %q, want %q %q %q", f.b.Exchange, urls, f.b.RoutingKeys, tc.exchange, tc.urls, tc.keys)
 			}
 		})
 	}
@@ -118,7 +124,7 @@ topics = notifications,audit
 // command before it connects, with status 2 and a message naming the file,
 // the section and the option.
 func TestOsloConfigErrorsExitTwo(t *testing.T) {
-	live, accepted := countingListener(t)
+	live, accepted := testutil.CountingListener(t)
 	noop := writeConf(t, "keystone.conf", "[DEFAULT]\ntransport_url = rabbit://ks:pw@"+live+"/\n[oslo_messaging_notifications]\ndriver = noop\n")
 	missingCA := writeConf(t, "keystone.conf", "[DEFAULT]\ntransport_url = rabbit://ks:pw@"+live+"/\n[oslo_messaging_notifications]\ndriver = messagingv2\n"+
 		"[oslo_messaging_rabbit]\nssl = true\nssl_ca_file = /nonexistent/ca.pem\n")

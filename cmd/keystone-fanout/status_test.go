@@ -18,7 +18,6 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache"
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
-	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 	"github.com/keystone-fanout/keystone-fanout/regionagent"
@@ -35,7 +34,7 @@ type statusWorld struct {
 
 func newStatusWorld(t *testing.T) *statusWorld {
 	t.Helper()
-	srv := natsserver.StartTest(t)
+	srv := testutil.StartNATS(t)
 	nc, err := nats.Connect(srv.ClientURL())
 	if err != nil {
 		t.Fatal(err)
@@ -282,7 +281,7 @@ func TestStatusCheckExitCodes(t *testing.T) {
 // --check stay those of every command.
 func TestStatusCheckExitCodesWithoutCheck(t *testing.T) {
 	w := newStatusWorld(t)
-	live, _ := countingListener(t)
+	live, _ := testutil.CountingListener(t)
 	tests := []struct {
 		name     string
 		args     []string

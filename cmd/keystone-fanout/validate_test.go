@@ -3,41 +3,19 @@ package main
 import (
 	"bytes"
 	"log/slog"
-	"net"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
-)
 
-// countingListener is a live address that counts the connections made to it.
-func countingListener(t *testing.T) (string, *atomic.Int64) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	var n atomic.Int64
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			n.Add(1)
-			c.Close()
-		}
-	}()
-	return ln.Addr().String(), &n
-}
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
+)
 
 // TestBadOptionExitsTwoBeforeConnecting: bridge, agent and all-in-one report
 // the same mistake the same way, with exit status 2 and the flag's name,
 // before they connect anywhere (every address given is a live listener that
 // counts connections).
 func TestBadOptionExitsTwoBeforeConnecting(t *testing.T) {
-	live, accepted := countingListener(t)
+	live, accepted := testutil.CountingListener(t)
 	commands := map[string][]string{
 		"bridge":     {"bridge", "--amqp-url", "amqp://" + live + "/", "--nats-url", "nats://" + live, "--http-addr", ""},
 		"agent":      {"agent", "--region", "regionTwo", "--memcached", live, "--nats-url", "nats://" + live, "--http-addr", ""},
@@ -84,7 +62,7 @@ func TestBadOptionExitsTwoBeforeConnecting(t *testing.T) {
 // TestAgentDurationFlags: the agent's durations whose zero or negative values
 // mean something.
 func TestAgentDurationFlags(t *testing.T) {
-	live, _ := countingListener(t)
+	live, _ := testutil.CountingListener(t)
 	base := []string{"--region", "regionTwo", "--memcached", live, "--nats-url", "nats://" + live, "--http-addr", ""}
 	tests := []struct {
 		name string

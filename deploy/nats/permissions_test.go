@@ -23,11 +23,11 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/keystone-fanout/keystone-fanout/bridge"
 	"github.com/keystone-fanout/keystone-fanout/internal/app"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/regionagent"
 )
@@ -167,7 +167,7 @@ func TestLeastPrivilege(t *testing.T) {
 
 	// The bridge's user: the stream, events, the poller's lease and position.
 	_, bjs := connect(t, url, "bridge")
-	if err := bridge.EnsureStream(ctx, bjs, bridge.DefaultStreamConfig()); err != nil {
+	if err := stream.Ensure(ctx, bjs, stream.Default()); err != nil {
 		t.Fatalf("the bridge ensuring the stream: %v", err)
 	}
 	pollerReg := prometheus.NewRegistry()
@@ -202,7 +202,7 @@ func TestLeastPrivilege(t *testing.T) {
 	e := event.Event{Version: event.SchemaVersion, Kind: event.KindNotification, ID: "n-1", Type: "identity.user.updated",
 		Time: time.Now().UTC(), UserID: "u1"}
 	body, _ := e.Marshal()
-	if _, err := bjs.Publish(ctx, e.Subject("keystone"), body, jetstream.WithMsgID(e.ID)); err != nil {
+	if _, err := bjs.Publish(ctx, stream.Subject("keystone", &e), body, jetstream.WithMsgID(e.ID)); err != nil {
 		t.Fatalf("the bridge publishing an event: %v", err)
 	}
 	testutil.Eventually(t, 20*time.Second, "both regions handling the event, the poller proving its poll", func() (bool, string) {
@@ -297,7 +297,7 @@ func TestLeastPrivilege(t *testing.T) {
 func TestMissingPermissionIsNamed(t *testing.T) {
 	url := startCentral(t)
 	_, bjs := connect(t, url, "bridge")
-	if err := bridge.EnsureStream(context.Background(), bjs, bridge.DefaultStreamConfig()); err != nil {
+	if err := stream.Ensure(context.Background(), bjs, stream.Default()); err != nil {
 		t.Fatal(err)
 	}
 	a, _, _ := runAgent(t, url, "regionTwo", "regionThree")

@@ -90,13 +90,13 @@ func RunAgent(ctx context.Context, o AgentOptions, log *slog.Logger) error {
 		return err
 	}
 	reg := registry(o.Registry)
-	nc, comps, err := connectNATS(ctx, o.NATS, natsserver.Options{}, "keystone-fanout-agent-"+o.Agent.Region, log)
+	nc, comps, err := connectNATS(ctx, o.NATS, natsserver.Options{}, nil, "keystone-fanout-agent-"+o.Agent.Region, log)
 	if err != nil {
 		return err
 	}
 	more, closeCluster, err := agentComponents(&o, nc, reg, log)
 	if err != nil {
-		nc.Close()
+		stopAll(comps)
 		return err
 	}
 	defer closeCluster()
@@ -126,19 +126,19 @@ func RunAllInOne(ctx context.Context, o AllInOneOptions, log *slog.Logger) error
 		return err
 	}
 	reg := registry(o.Bridge.Registry)
-	nc, comps, err := connectNATS(ctx, o.Bridge.NATS, o.Bridge.Embedded, "keystone-fanout", log)
+	nc, comps, err := connectNATS(ctx, o.Bridge.NATS, o.Bridge.Embedded, o.Bridge.OnNATS, "keystone-fanout", log)
 	if err != nil {
 		return err
 	}
 	agent, closeCluster, err := agentComponents(&o.Agent, nc, reg, log)
 	if err != nil {
-		nc.Close()
+		stopAll(comps)
 		return err
 	}
 	defer closeCluster()
 	bridge, err := bridgeComponents(&o.Bridge, nc, reg, log)
 	if err != nil {
-		nc.Close()
+		stopAll(comps)
 		return err
 	}
 	comps = append(comps, agent...)

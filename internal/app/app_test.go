@@ -5,12 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
-	"net"
 	"net/http"
-	"os"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,29 +20,13 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
 	"github.com/keystone-fanout/keystone-fanout/regionagent"
 )
-
-func testLog(t testing.TB) *slog.Logger {
-	if testing.Verbose() {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
-// freeAddr returns a loopback address with a port that was free a moment ago.
-func freeAddr(t testing.TB) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 func httpGet(url string) (int, string) {
 	resp, err := http.Get(url)
@@ -92,14 +72,13 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 
 	s := testutil.NameSuffix()
 	exchange, queue := "app-test-x-"+s, "app-test-q-"+s
-	natsAddr := freeAddr(t)
 	reg := prometheus.NewRegistry()
-	addr := make(chan string, 1)
+	addr, natsURL := make(chan string, 1), make(chan string, 1)
 	o := AllInOneOptions{
 		Bridge: BridgeOptions{
 			Bridge:   bridge.Options{AMQPURLs: []string{testutil.AMQPURL()}, Exchange: exchange, Queue: queue, QueueType: bridge.QueueClassic},
-			Embedded: natsserver.Options{Listen: natsAddr, DataDir: t.TempDir()},
-			HTTPAddr: "127.0.0.1:0", Registry: reg, OnListen: func(a string) { addr <- a },
+			Embedded: natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir()},
+			HTTPAddr: "127.0.0.1:0", Registry: reg, OnListen: func(a string) { addr <- a }, OnNATS: func(u string) { natsURL <- u },
 			ShutdownTimeout: 20 * time.Second,
 		},
 		Agent: AgentOptions{
@@ -110,11 +89,18 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- RunAllInOne(ctx, o, testLog(t)) }()
+	go func() { done <- RunAllInOne(ctx, o, testutil.Logger(t)) }()
 	t.Cleanup(func() {
 		cancel()
 		deleteAMQP(t, exchange, queue)
 	})
+	var natsOptions natsconn.Options
+	select {
+	case u := <-natsURL:
+		natsOptions.URL = u
+	case err := <-done:
+		t.Fatalf("daemon exited before starting NATS: %v", err)
+	}
 	var base string
 	select {
 	case a := <-addr:
@@ -151,7 +137,7 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 	// An operator's sweep (a change Keystone announces nowhere) removes every
 	// token entry, and only token entries.
 	var out strings.Builder
-	if err := RunSweep(ctx, SweepOptions{NATS: natsconn.Options{URL: "nats://" + natsAddr}, Reason: "identity provider deleted"}, &out, testLog(t)); err != nil {
+	if err := RunSweep(ctx, SweepOptions{NATS: natsOptions, Reason: "identity provider deleted"}, &out, testutil.Logger(t)); err != nil {
 		t.Fatalf("sweep: %v", err)
 	}
 	testutil.Eventually(t, 30*time.Second, "every entry gone after the sweep", func() (bool, string) {
@@ -162,14 +148,14 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 	// The status command sees the stream and the region, caught up.
 	testutil.Eventually(t, 10*time.Second, "status to show regionTwo caught up", func() (bool, string) {
 		var buf strings.Builder
-		if err := RunStatus(ctx, StatusOptions{NATS: natsconn.Options{URL: "nats://" + natsAddr}, JSON: true}, &buf, testLog(t)); err != nil {
+		if err := RunStatus(ctx, StatusOptions{NATS: natsOptions, JSON: true}, &buf, testutil.Logger(t)); err != nil {
 			return false, err.Error()
 		}
 		var st Status
 		if err := json.Unmarshal([]byte(buf.String()), &st); err != nil {
 			return false, err.Error()
 		}
-		ok := st.Stream == "KEYSTONE" && len(st.Consumers) == 1 && st.Consumers[0].Name == "regionTwo" &&
+		ok := st.Stream == stream.DefaultName && len(st.Consumers) == 1 && st.Consumers[0].Name == "regionTwo" &&
 			st.Consumers[0].Pending == 0 && st.Consumers[0].AckPending == 0 && !st.Consumers[0].Gap && st.Messages >= 2
 		return ok, buf.String()
 	})
@@ -224,27 +210,55 @@ func deleteAMQP(t testing.TB, exchange, queue string) {
 	}
 }
 
+// TestEmbeddedNATSStoppedWhenAComponentFails: a component that cannot be
+// built after the embedded NATS server started (here the bridge, whose
+// metrics are already registered) stops the server: its port is closed and
+// its data directory can serve a new server.
+func TestEmbeddedNATSStoppedWhenAComponentFails(t *testing.T) {
+	tests := []struct {
+		name string
+		run  func(BridgeOptions) error
+	}{
+		{"bridge", func(o BridgeOptions) error { return RunBridge(context.Background(), o, testutil.Logger(t)) }},
+		{"all-in-one", func(o BridgeOptions) error {
+			return RunAllInOne(context.Background(), AllInOneOptions{Bridge: o, Agent: AgentOptions{
+				Agent: regionagent.Options{Region: "r"}, Memcache: memcache.Options{Servers: memcachetest.List(memcachetest.Start(t, 1))}}},
+				testutil.Logger(t))
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(prometheus.NewCounter(prometheus.CounterOpts{Name: bridge.MetricsPrefix + "received_total"}))
+			dir := t.TempDir()
+			var url string
+			err := tt.run(BridgeOptions{Bridge: bridge.Options{AMQPURLs: []string{testutil.AMQPURL()}},
+				Embedded: natsserver.Options{Listen: "127.0.0.1:-1", DataDir: dir}, Registry: reg,
+				OnNATS: func(u string) { url = u }})
+			if err == nil || !strings.Contains(err.Error(), "metrics") {
+				t.Fatalf("run = %v, want the bridge's metrics error", err)
+			}
+			if url == "" {
+				t.Fatal("the embedded NATS server never started")
+			}
+			if nc, err := nats.Connect(url, nats.NoReconnect()); err == nil {
+				nc.Close()
+				t.Fatalf("the embedded NATS server at %s still answers", url)
+			}
+			srv, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", DataDir: dir})
+			if err != nil {
+				t.Fatalf("a new server on the same data directory: %v", err)
+			}
+			srv.Shutdown()
+		})
+	}
+}
+
 // TestValidationNamesTheFlagBeforeConnecting gives every component a live
 // address (a listener that counts connections) next to one bad option: the
 // error must name the flag, and nothing may have connected.
 func TestValidationNamesTheFlagBeforeConnecting(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	var accepted atomic.Int64
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			accepted.Add(1)
-			c.Close()
-		}
-	}()
-	live := ln.Addr().String()
+	live, accepted := testutil.CountingListener(t)
 	natsURL := natsconn.Options{URL: "nats://" + live}
 	tests := []struct {
 		name string
@@ -252,18 +266,18 @@ func TestValidationNamesTheFlagBeforeConnecting(t *testing.T) {
 		want []string
 	}{
 		{"bridge without a data dir for the embedded server", func() error {
-			return RunBridge(context.Background(), BridgeOptions{Bridge: bridge.Options{AMQPURLs: []string{"amqp://" + live + "/"}}}, testLog(t))
+			return RunBridge(context.Background(), BridgeOptions{Bridge: bridge.Options{AMQPURLs: []string{"amqp://" + live + "/"}}}, testutil.Logger(t))
 		}, []string{"--data-dir"}},
 		{"bridge with a bad AMQP scheme", func() error {
 			return RunBridge(context.Background(), BridgeOptions{Bridge: bridge.Options{AMQPURLs: []string{"http://" + live + "/"}},
-				NATS: natsURL}, testLog(t))
+				NATS: natsURL}, testutil.Logger(t))
 		}, []string{"--amqp-url"}},
 		{"agent without region or memcached", func() error {
-			return RunAgent(context.Background(), AgentOptions{NATS: natsURL}, testLog(t))
+			return RunAgent(context.Background(), AgentOptions{NATS: natsURL}, testutil.Logger(t))
 		}, []string{"--region", "--memcached"}},
 		{"agent with an unknown strategy", func() error {
 			return RunAgent(context.Background(), AgentOptions{Agent: regionagent.Options{Region: "r"}, Memcache: memcache.Options{Servers: live},
-				Invalidation: tokencache.Options{Strategy: "purge"}, NATS: natsURL}, testLog(t))
+				Invalidation: tokencache.Options{Strategy: "purge"}, NATS: natsURL}, testutil.Logger(t))
 		}, []string{"--strategy"}},
 	}
 	for _, tt := range tests {
@@ -290,7 +304,7 @@ func TestValidationNamesTheFlagBeforeConnecting(t *testing.T) {
 // NATS answers the agent binds its consumer and becomes ready. A stop during
 // the first connect is clean (nil).
 func TestAgentOutlivesNATSOutageAtStart(t *testing.T) {
-	srv := natsserver.StartTest(t)
+	srv := testutil.StartNATS(t)
 	servers := memcachetest.Start(t, 1)
 	// The stream the bridge would have made.
 	nc, err := nats.Connect(srv.ClientURL())
@@ -302,7 +316,7 @@ func TestAgentOutlivesNATSOutageAtStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := bridge.EnsureStream(t.Context(), js, bridge.DefaultStreamConfig()); err != nil {
+	if err := stream.Ensure(t.Context(), js, stream.Default()); err != nil {
 		t.Fatal(err)
 	}
 	tests := []struct {
@@ -335,7 +349,7 @@ func TestAgentOutlivesNATSOutageAtStart(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			done := make(chan error, 1)
-			go func() { done <- RunAgent(ctx, o, testLog(t)) }()
+			go func() { done <- RunAgent(ctx, o, testutil.Logger(t)) }()
 			var base string
 			select {
 			case a := <-addr:

@@ -36,22 +36,33 @@ type BridgeOptions struct {
 	Registry *prometheus.Registry
 	// OnListen is told the bound HTTP address (tests listen on port 0).
 	OnListen func(addr string)
+	// OnNATS is told the embedded NATS server's client URL (tests listen on
+	// port -1).
+	OnNATS func(url string)
 }
 
-// Validate checks every option before anything is started.
+// Validate fills defaults and checks every option before anything is started.
 func (o *BridgeOptions) Validate() error {
-	var errs []error
-	errs = append(errs, o.Bridge.Validate())
-	errs = append(errs, validateNATS(o.NATS, o.Embedded))
-	if o.Revoke != nil {
-		o.Revoke.SubjectPrefix = o.Bridge.Stream.SubjectPrefix
-		o.Revoke.Stream = o.Bridge.Stream.Name
-		errs = append(errs, o.Revoke.Validate())
+	errs := []error{o.Bridge.Validate(), validateNATS(&o.NATS, &o.Embedded)}
+	if r := o.revokeOptions(); r != nil {
+		errs = append(errs, r.Validate())
 	}
 	return errors.Join(errs...)
 }
 
-func validateNATS(n natsconn.Options, embedded natsserver.Options) error {
+// revokeOptions is Revoke publishing under the bridge's subject prefix; nil
+// without a poller.
+func (o *BridgeOptions) revokeOptions() *revoke.Options {
+	if o.Revoke == nil {
+		return nil
+	}
+	r := *o.Revoke
+	r.SubjectPrefix = o.Bridge.Stream.SubjectPrefix
+	r.Stream = o.Bridge.Stream.Name
+	return &r
+}
+
+func validateNATS(n *natsconn.Options, embedded *natsserver.Options) error {
 	if n.URL == "" {
 		return embedded.Validate()
 	}
@@ -72,7 +83,8 @@ func (e *embeddedNATS) run(ctx context.Context) error {
 // in start order. A NATS server that does not answer yet does not stop the
 // start: the connection keeps trying in the background (natsconn KeepTrying)
 // while the process serves /healthz, and its readiness says why it waits.
-func connectNATS(ctx context.Context, o natsconn.Options, embedded natsserver.Options, name string, log *slog.Logger) (*nats.Conn, []component, error) {
+func connectNATS(ctx context.Context, o natsconn.Options, embedded natsserver.Options, onEmbedded func(string),
+	name string, log *slog.Logger) (*nats.Conn, []component, error) {
 	var comps []component
 	if o.URL == "" {
 		srv, err := natsserver.Start(embedded)
@@ -83,15 +95,14 @@ func connectNATS(ctx context.Context, o natsconn.Options, embedded natsserver.Op
 		e := &embeddedNATS{srv: srv}
 		comps = append(comps, component{name: "embedded NATS server", run: e.run})
 		o.URL = srv.ClientURL()
+		if onEmbedded != nil {
+			onEmbedded(o.URL)
+		}
 	}
 	o.KeepTrying = true
 	nc, err := natsconn.Connect(ctx, o, name, log, nil)
 	if err != nil {
-		for _, c := range comps {
-			cctx, cancel := context.WithCancel(ctx)
-			cancel()
-			_ = c.run(cctx)
-		}
+		stopAll(comps)
 		return nil, nil, err
 	}
 	comps = append(comps, component{
@@ -128,12 +139,12 @@ func bridgeComponents(o *BridgeOptions, nc *nats.Conn, reg prometheus.Registerer
 		return nil, err
 	}
 	comps := []component{{name: "bridge", run: b.Run, ready: b.Ready}}
-	if o.Revoke != nil {
+	if r := o.revokeOptions(); r != nil {
 		js, err := jetstream.New(nc)
 		if err != nil {
 			return nil, err
 		}
-		p, err := revoke.New(*o.Revoke, js, reg, log.With("component", "revocation-poller"))
+		p, err := revoke.New(*r, js, reg, log.With("component", "revocation-poller"))
 		if err != nil {
 			return nil, err
 		}
@@ -149,13 +160,13 @@ func RunBridge(ctx context.Context, o BridgeOptions, log *slog.Logger) error {
 		return err
 	}
 	reg := registry(o.Registry)
-	nc, comps, err := connectNATS(ctx, o.NATS, o.Embedded, "keystone-fanout-bridge", log)
+	nc, comps, err := connectNATS(ctx, o.NATS, o.Embedded, o.OnNATS, "keystone-fanout-bridge", log)
 	if err != nil {
 		return err
 	}
 	more, err := bridgeComponents(&o, nc, reg, log)
 	if err != nil {
-		nc.Close()
+		stopAll(comps)
 		return err
 	}
 	comps = append(comps, more...)

@@ -366,7 +366,7 @@ func testChanges(t *testing.T, format string) {
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
-	go func() { done <- RunAllInOne(runCtx, o, testLog(t)) }()
+	go func() { done <- RunAllInOne(runCtx, o, testutil.Logger(t)) }()
 	t.Cleanup(func() {
 		cancel()
 		select {

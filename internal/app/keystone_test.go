@@ -100,7 +100,7 @@ func TestKeystoneRevocationsLeaveTheRegion(t *testing.T) {
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
-	go func() { done <- RunAllInOne(runCtx, o, testLog(t)) }()
+	go func() { done <- RunAllInOne(runCtx, o, testutil.Logger(t)) }()
 	t.Cleanup(func() {
 		cancel()
 		select {

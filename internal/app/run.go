@@ -26,6 +26,17 @@ type component struct {
 	ready func() error // nil: always ready
 }
 
+// stopAll stops components that were started but never ran together (a
+// later one failed to build), last first: the NATS connection, then the
+// embedded server, which frees its port and data directory.
+func stopAll(comps []component) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for i := len(comps) - 1; i >= 0; i-- {
+		_ = comps[i].run(ctx)
+	}
+}
+
 // DefaultShutdownTimeout bounds the whole stop of a process.
 const DefaultShutdownTimeout = 30 * time.Second
 

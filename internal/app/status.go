@@ -15,13 +15,14 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/regionagent"
 )
 
 // StatusOptions configures `keystone-fanout status`.
 type StatusOptions struct {
 	NATS   natsconn.Options
-	Stream string // default KEYSTONE
+	Stream string // default stream.DefaultName
 	// CheckpointBucket is the agents' --checkpoint-bucket (default
 	// keystone-fanout-agents); a missing bucket shows as no checkpoints.
 	CheckpointBucket string
@@ -175,7 +176,7 @@ type Problem struct {
 // when the verdict is not OK.
 func RunStatus(ctx context.Context, o StatusOptions, w io.Writer, log *slog.Logger) error {
 	if o.Stream == "" {
-		o.Stream = regionagent.DefaultStream
+		o.Stream = stream.DefaultName
 	}
 	if o.CheckpointBucket == "" {
 		o.CheckpointBucket = regionagent.DefaultCheckpointBucket

@@ -8,14 +8,15 @@ import (
 	"time"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
-	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // TestStatusWithoutTheStreamNamesTheURL: status against a NATS server
 // without the stream says which server it asked (without credentials) and
 // which flag points it elsewhere.
 func TestStatusWithoutTheStreamNamesTheURL(t *testing.T) {
-	srv := natsserver.StartTest(t)
+	srv := testutil.StartNATS(t)
 	addr := srv.Addr()
 	tests := []struct {
 		name string
@@ -30,7 +31,7 @@ func TestStatusWithoutTheStreamNamesTheURL(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			err := RunStatus(ctx, StatusOptions{NATS: natsconn.Options{URL: tt.url}, Stream: "KEYSTONE"}, io.Discard, testLog(t))
+			err := RunStatus(ctx, StatusOptions{NATS: natsconn.Options{URL: tt.url}, Stream: stream.DefaultName}, io.Discard, testutil.Logger(t))
 			if err == nil {
 				t.Fatal("RunStatus: nil error, want one saying the stream does not exist")
 			}

@@ -14,12 +14,13 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 // SweepOptions configures `keystone-fanout sweep`.
 type SweepOptions struct {
 	NATS          natsconn.Options
-	SubjectPrefix string // default "keystone"
+	SubjectPrefix string // default stream.DefaultSubjectPrefix
 	// Reason is recorded in the event and in every agent's log.
 	Reason string
 }
@@ -33,7 +34,7 @@ const SweepEventType = "keystone-fanout.sweep"
 // identity provider deleted or disabled).
 func RunSweep(ctx context.Context, o SweepOptions, w io.Writer, log *slog.Logger) error {
 	if o.SubjectPrefix == "" {
-		o.SubjectPrefix = "keystone"
+		o.SubjectPrefix = stream.DefaultSubjectPrefix
 	}
 	if o.Reason == "" {
 		return fmt.Errorf("--reason is required: say why every region should drop its cached tokens (it is logged by every agent)")
@@ -51,7 +52,7 @@ func RunSweep(ctx context.Context, o SweepOptions, w io.Writer, log *slog.Logger
 	if err != nil {
 		return err
 	}
-	msg := &nats.Msg{Subject: e.Subject(o.SubjectPrefix), Data: body, Header: nats.Header{}}
+	msg := &nats.Msg{Subject: stream.Subject(o.SubjectPrefix, &e), Data: body, Header: nats.Header{}}
 	msg.Header.Set(jetstream.MsgIDHeader, e.ID)
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()

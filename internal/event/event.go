@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
-	"strings"
 	"time"
 )
 
@@ -128,29 +127,6 @@ func (r *Revocation) Digest() string {
 	b, _ := json.Marshal(r) // fixed field order, cannot fail
 	sum := sha256.Sum256(b)
 	return "revoke-" + hex.EncodeToString(sum[:16])
-}
-
-// Subject is the NATS subject an event is published on under prefix:
-// "<prefix>.notification.<event_type>" or "<prefix>.revocation". Characters
-// that NATS does not allow in a subject token are replaced by '_'.
-func (e *Event) Subject(prefix string) string {
-	switch e.Kind {
-	case KindRevocation:
-		return prefix + ".revocation"
-	case KindPolled:
-		return prefix + ".polled"
-	}
-	t := strings.Map(func(r rune) rune {
-		switch r {
-		case ' ', '\t', '\r', '\n', '*', '>':
-			return '_'
-		}
-		return r
-	}, e.Type)
-	if t == "" || strings.Contains(t, "..") || strings.HasPrefix(t, ".") || strings.HasSuffix(t, ".") {
-		t = "unknown"
-	}
-	return prefix + "." + string(KindNotification) + "." + t
 }
 
 // Unbounded reports whether an agent must remove every token entry for e:

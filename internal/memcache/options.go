@@ -79,9 +79,10 @@ func (o *Options) withDefaults() Options {
 	return c
 }
 
-// Validate checks the options without connecting anywhere. Errors name the
-// field and say how to fix it.
+// Validate fills zero fields with their defaults and checks the options
+// without connecting anywhere. Errors name the field and say how to fix it.
 func (o *Options) Validate() error {
+	*o = o.withDefaults()
 	var errs []error
 	if _, err := ParseServers(o.Servers); err != nil {
 		errs = append(errs, fmt.Errorf("memcache Servers: %w", err))

@@ -58,10 +58,14 @@ type Options struct {
 	KeepTrying bool
 }
 
-// Validate checks the options without connecting: every error, joined, each
-// naming the flag and the fix. The TLS files are loaded, so that a bad one
-// fails here rather than at the first connection.
-func (o Options) Validate() error {
+// Validate fills ConnectTimeout's default and checks the options without
+// connecting: every error, joined, each naming the flag and the fix. The TLS
+// files are loaded, so that a bad one fails here rather than at the first
+// connection.
+func (o *Options) Validate() error {
+	if o.ConnectTimeout == 0 {
+		o.ConnectTimeout = defaultConnectTimeout
+	}
 	var errs []error
 	if o.InboxPrefix != "" && (strings.ContainsAny(o.InboxPrefix, " \t\r\n*>.") || o.InboxPrefix == "") {
 		errs = append(errs, fmt.Errorf("--nats-inbox-prefix %q: one subject token without '.', '*', '>' or spaces, for example _INBOX_bridge", o.InboxPrefix))
@@ -125,12 +129,14 @@ func (o Options) Validate() error {
 		}
 	}
 	if !missing && (o.CertFile == "") == (o.KeyFile == "") && (o.CAFile != "" || o.CertFile != "") {
-		if _, err := tlsConfig(o); err != nil {
+		if _, err := tlsConfig(*o); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
 }
+
+const defaultConnectTimeout = 10 * time.Second
 
 // Connect connects to NATS with unlimited reconnects, logging disconnects and
 // reconnects, and calls onReconnect (when not nil) after each reconnect. The
@@ -197,11 +203,7 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 		}
 		return nc, nil
 	}
-	timeout := o.ConnectTimeout
-	if timeout <= 0 {
-		timeout = 10 * time.Second
-	}
-	deadline := time.Now().Add(timeout)
+	deadline := time.Now().Add(o.ConnectTimeout)
 	retry := backoff.New(100*time.Millisecond, 2*time.Second)
 	for {
 		nc, err := nats.Connect(o.URL, opts...)

@@ -62,8 +62,9 @@ func (o *Options) setDefaults() {
 	}
 }
 
-// Validate checks the options without starting anything.
-func (o Options) Validate() error {
+// Validate fills zero fields with their defaults and checks the options
+// without starting anything.
+func (o *Options) Validate() error {
 	o.setDefaults()
 	var errs []error
 	if host, _, err := splitHostPort(o.Listen); err != nil {
@@ -114,7 +115,6 @@ func Start(o Options) (*Server, error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
-	o.setDefaults()
 	host, port, _ := splitHostPort(o.Listen)
 	so := &server.Options{
 		ServerName: o.ServerName,

@@ -9,7 +9,6 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
-	"log/slog"
 	"math/big"
 	"os"
 	"path/filepath"
@@ -24,16 +23,17 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
-	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
-const testStream = "KEYSTONE"
+const testStream = stream.DefaultName
 
 // startJetStream starts an embedded NATS server and returns a JetStream
 // context with a stream capturing "keystone.>" with the given duplicate window.
 func startJetStream(t testing.TB, duplicates time.Duration) jetstream.JetStream {
 	t.Helper()
-	s := natsserver.StartTest(t)
+	s := testutil.StartNATS(t)
 	nc, err := nats.Connect(s.ClientURL())
 	if err != nil {
 		t.Fatalf("connecting to the embedded NATS server: %v", err)
@@ -195,17 +195,6 @@ func writeFile(t testing.TB, name, content string) string {
 		t.Fatal(err)
 	}
 	return p
-}
-
-func testLogger(t testing.TB) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct{ t testing.TB }
-
-func (w testWriter) Write(b []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(b), "\n"))
-	return len(b), nil
 }
 
 // mustSelfSigned returns the DER of a throw-away self-signed CA certificate.

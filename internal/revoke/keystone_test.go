@@ -14,7 +14,6 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/keystonetest"
-	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
@@ -59,7 +58,7 @@ func keystoneOptionsFor(t testing.TB, k *keystonetest.Keystone) Options {
 func newKeystonePoller(t testing.TB, o Options, js jetstream.JetStream) (*Poller, *prometheus.Registry) {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	p, err := New(o, js, reg, testLogger(t))
+	p, err := New(o, js, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -255,7 +254,7 @@ func TestKeystoneRevocationsPublishedOnce(t *testing.T) {
 // connection gone: no renewal, no hand-over), the other takes over after the
 // lease's ttl and publishes what Keystone records next.
 func TestKeystoneTwoPollers(t *testing.T) {
-	srv := natsserver.StartTest(t)
+	srv := testutil.StartNATS(t)
 	js := jetStreamOf(t, srv.ClientURL())
 	createStream(t, js, 2*time.Minute)
 	rs := []*replica{startReplica(t, srv.ClientURL(), keystoneOptions(t), "a"), startReplica(t, srv.ClientURL(), keystoneOptions(t), "b")}

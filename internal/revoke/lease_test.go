@@ -12,7 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
-	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
@@ -52,7 +52,7 @@ func startReplica(t *testing.T, url string, o Options, name string) *replica {
 	}
 	o.Holder = name
 	reg := prometheus.NewRegistry()
-	p, err := New(o, js, reg, testLogger(t).With("replica", name))
+	p, err := New(o, js, reg, testutil.Logger(t).With("replica", name))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +80,7 @@ func holders(t *testing.T, rs ...*replica) []int {
 func TestLeaseOneReplicaPolls(t *testing.T) {
 	f := newFakeKeystone(false)
 	defer f.Close()
-	srv := natsserver.StartTest(t)
+	srv := testutil.StartNATS(t)
 	o := fakeOptions(f)
 	o.LeaseTTL = time.Second
 	rs := []*replica{startReplica(t, srv.ClientURL(), o, "a"), startReplica(t, srv.ClientURL(), o, "b"), startReplica(t, srv.ClientURL(), o, "c")}
@@ -137,7 +137,7 @@ func TestLeaseOneReplicaPolls(t *testing.T) {
 func TestNotificationTriggersPoll(t *testing.T) {
 	f := newFakeKeystone(false)
 	defer f.Close()
-	srv := natsserver.StartTest(t)
+	srv := testutil.StartNATS(t)
 	o := fakeOptions(f)
 	o.PollInterval = time.Hour // only notifications make it poll after the first
 	r := startReplica(t, srv.ClientURL(), o, "a")
@@ -158,7 +158,7 @@ func TestNotificationTriggersPoll(t *testing.T) {
 	n := event.Event{Version: event.SchemaVersion, Kind: event.KindNotification, ID: "n1", Type: "identity.group.updated",
 		Time: time.Now().UTC(), Format: "cadf", GroupID: "g"}
 	body, _ := n.Marshal()
-	ack, err := js.Publish(context.Background(), n.Subject("keystone"), body)
+	ack, err := js.Publish(context.Background(), stream.Subject("keystone", &n), body)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +206,7 @@ func TestFailingHolderHandsOver(t *testing.T) {
 	broken.mu.Lock()
 	broken.listCode = http.StatusServiceUnavailable
 	broken.mu.Unlock()
-	srv := natsserver.StartTest(t)
+	srv := testutil.StartNATS(t)
 	o := fakeOptions(broken)
 	o.LeaseTTL = 500 * time.Millisecond
 	a := startReplica(t, srv.ClientURL(), o, "a")

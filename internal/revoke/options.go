@@ -7,6 +7,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 // Defaults of Options.
@@ -16,7 +18,6 @@ const (
 	DefaultOverlap        = 30 * time.Second
 	DefaultRequestTimeout = 10 * time.Second
 	DefaultMaxBackoff     = 30 * time.Second
-	DefaultSubjectPrefix  = "keystone"
 	DefaultBucket         = "keystone-fanout-revoke"
 	DefaultKey            = "position"
 	DefaultReauthBefore   = 5 * time.Minute
@@ -97,7 +98,8 @@ type Options struct {
 	ReauthBefore time.Duration
 
 	// SubjectPrefix is the first token of the subjects events are published on
-	// ("<prefix>.revocation"). Default "keystone".
+	// (stream.Subject: "<prefix>.revocation"). Default
+	// stream.DefaultSubjectPrefix; the bridge sets its --subject-prefix.
 	SubjectPrefix string
 	// Bucket and Key name the JetStream key-value entry holding the poller's
 	// position; replicas of the bridge share it. Default
@@ -150,7 +152,7 @@ func (o *Options) setDefaults() {
 		o.ReauthBefore = DefaultReauthBefore
 	}
 	if o.SubjectPrefix == "" {
-		o.SubjectPrefix = DefaultSubjectPrefix
+		o.SubjectPrefix = stream.DefaultSubjectPrefix
 	}
 	if o.Bucket == "" {
 		o.Bucket = DefaultBucket
@@ -179,10 +181,10 @@ func (o *Options) setDefaults() {
 	}
 }
 
-// Validate checks the options (with defaults applied) without connecting to
-// anything. It reads PasswordFile, AppCredSecretFile and CAFile to check that
-// they are usable. Every error names the flag to fix.
-func (o Options) Validate() error {
+// Validate fills zero fields with their defaults and checks the options
+// without connecting to anything. It reads PasswordFile, AppCredSecretFile and
+// CAFile to check that they are usable. Every error names the flag to fix.
+func (o *Options) Validate() error {
 	o.setDefaults()
 	var errs []error
 	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
@@ -262,9 +264,8 @@ func (o Options) Validate() error {
 	if o.RequestTimeout < 0 || o.MaxBackoff < 0 || o.ReauthBefore < 0 {
 		add("revocation timeouts must not be negative")
 	}
-	if strings.ContainsAny(o.SubjectPrefix, " \t\r\n*>") || strings.HasPrefix(o.SubjectPrefix, ".") ||
-		strings.HasSuffix(o.SubjectPrefix, ".") || strings.Contains(o.SubjectPrefix, "..") {
-		add("subject prefix %q: not a valid NATS subject prefix", o.SubjectPrefix)
+	if err := stream.CheckSubjectPrefix(o.SubjectPrefix); err != nil {
+		errs = append(errs, err)
 	}
 	if strings.ContainsAny(o.Bucket, " \t\r\n*>.") {
 		add("position bucket %q: not a valid key-value bucket name", o.Bucket)

@@ -33,6 +33,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
 // Poller polls Keystone's revocation events and publishes them to JetStream.
@@ -593,7 +594,7 @@ func (p *Poller) publish(ctx context.Context, e *event.Event) (dup bool, err err
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.o.RequestTimeout)
 	defer cancel()
-	ack, err := p.js.Publish(ctx, e.Subject(p.o.SubjectPrefix), data, jetstream.WithMsgID(e.ID))
+	ack, err := p.js.Publish(ctx, stream.Subject(p.o.SubjectPrefix, e), data, jetstream.WithMsgID(e.ID))
 	if err != nil {
 		return false, err
 	}

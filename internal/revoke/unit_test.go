@@ -48,7 +48,7 @@ func TestOptionsValidate(t *testing.T) {
 		{"ca not pem", with(func(o *Options) { o.URL = "https://k/v3"; o.CAFile = notCA }), []string{"--keystone-ca-file", "no PEM certificate"}},
 		{"interval too short", with(func(o *Options) { o.PollInterval = time.Millisecond }), []string{"--revocation-poll-interval"}},
 		{"overlap too short", with(func(o *Options) { o.Overlap = time.Millisecond }), []string{"overlap"}},
-		{"bad prefix", with(func(o *Options) { o.SubjectPrefix = "a.>" }), []string{"subject prefix"}},
+		{"bad prefix", with(func(o *Options) { o.SubjectPrefix = "a.>" }), []string{"--subject-prefix"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -190,7 +190,7 @@ func TestFakeEqualTimestamps(t *testing.T) {
 	defer f.Close()
 	js := startJetStream(t, 2*time.Minute)
 	reg := prometheus.NewRegistry()
-	p, err := New(fakeOptions(f), js, reg, testLogger(t))
+	p, err := New(fakeOptions(f), js, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -245,7 +245,7 @@ func TestFakeRestartBeyondDuplicateWindow(t *testing.T) {
 	for i := range 5 {
 		f.add(map[string]any{"user_id": fmt.Sprintf("u%d", i)}, now.Add(time.Duration(i-4)*time.Second))
 	}
-	p1, err := New(fakeOptions(f), js, prometheus.NewRegistry(), testLogger(t))
+	p1, err := New(fakeOptions(f), js, prometheus.NewRegistry(), testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -258,7 +258,7 @@ func TestFakeRestartBeyondDuplicateWindow(t *testing.T) {
 	f.add(map[string]any{"user_id": "while-down"}, time.Now())
 
 	reg := prometheus.NewRegistry()
-	p2, err := New(fakeOptions(f), js, reg, testLogger(t))
+	p2, err := New(fakeOptions(f), js, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -292,7 +292,7 @@ func TestFakeReauth(t *testing.T) {
 	o := fakeOptions(f)
 	o.Now = func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
 	reg := prometheus.NewRegistry()
-	p, err := New(o, js, reg, testLogger(t))
+	p, err := New(o, js, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,7 +347,7 @@ func TestFakeErrorsShowInReady(t *testing.T) {
 	f := newFakeKeystone(false)
 	js := startJetStream(t, 2*time.Minute)
 	reg := prometheus.NewRegistry()
-	p, err := New(fakeOptions(f), js, reg, testLogger(t))
+	p, err := New(fakeOptions(f), js, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -408,7 +408,7 @@ func TestFakePublishFailure(t *testing.T) {
 	f.add(map[string]any{"user_id": "u1"}, time.Now().Add(-time.Second))
 	f.add(map[string]any{"user_id": "u2"}, time.Now())
 	reg := prometheus.NewRegistry()
-	p, err := New(fakeOptions(f), js, reg, testLogger(t))
+	p, err := New(fakeOptions(f), js, reg, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -453,7 +453,7 @@ func TestFakeTLS(t *testing.T) {
 
 	o := fakeOptions(f)
 	o.CAFile = ca
-	p, err := New(o, js, prometheus.NewRegistry(), testLogger(t))
+	p, err := New(o, js, prometheus.NewRegistry(), testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -462,7 +462,7 @@ func TestFakeTLS(t *testing.T) {
 
 	o.CAFile = ""
 	o.Bucket = "other"
-	p2, err := New(o, js, prometheus.NewRegistry(), testLogger(t))
+	p2, err := New(o, js, prometheus.NewRegistry(), testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

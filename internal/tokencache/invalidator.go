@@ -74,8 +74,24 @@ type Options struct {
 	OnRemove func(Removal)
 }
 
-// Validate checks the options. Errors name the option and the fix.
+// Validate fills zero fields with their defaults and checks the others.
+// Errors name the option and the fix.
 func (o *Options) Validate() error {
+	if o.Strategy == "" {
+		o.Strategy = Targeted
+	}
+	if o.FetchBatch == 0 {
+		o.FetchBatch = DefaultFetchBatch
+	}
+	if o.DeleteBatch == 0 {
+		o.DeleteBatch = DefaultDeleteBatch
+	}
+	if o.IndexLimit == 0 {
+		o.IndexLimit = DefaultIndexLimit
+	}
+	if o.RefreshInterval == 0 {
+		o.RefreshInterval = DefaultRefreshInterval
+	}
 	var errs []error
 	if _, err := ParseStrategy(string(o.Strategy)); err != nil {
 		errs = append(errs, err)
@@ -203,21 +219,6 @@ type serverState struct {
 func NewInvalidator(cluster *memcache.Cluster, opts Options, reg prometheus.Registerer, log *slog.Logger) (*Invalidator, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
-	}
-	if opts.Strategy == "" {
-		opts.Strategy = Targeted
-	}
-	if opts.FetchBatch == 0 {
-		opts.FetchBatch = DefaultFetchBatch
-	}
-	if opts.DeleteBatch == 0 {
-		opts.DeleteBatch = DefaultDeleteBatch
-	}
-	if opts.IndexLimit == 0 {
-		opts.IndexLimit = DefaultIndexLimit
-	}
-	if opts.RefreshInterval == 0 {
-		opts.RefreshInterval = DefaultRefreshInterval
 	}
 	if log == nil {
 		log = slog.Default()

@@ -1,5 +1,6 @@
 // Package memcachetest runs real memcached processes (/usr/bin/memcached) for
-// tests, on free loopback ports, and kills them when the test ends. A missing
+// tests, on loopback ports memcached picks itself, and kills them when the
+// test ends. A missing
 // memcached binary fails the test: tests never skip for lack of a service.
 package memcachetest
 
@@ -47,12 +48,13 @@ type Server struct {
 	// CAFile is the PEM CA that signed the server certificate (TLS only).
 	CAFile string
 
-	t      testing.TB
-	args   []string
-	mu     sync.Mutex
-	cmd    *exec.Cmd
-	done   chan struct{}
-	stderr *bytes.Buffer
+	t        testing.TB
+	args     []string
+	portFile string
+	mu       sync.Mutex
+	cmd      *exec.Cmd
+	done     chan struct{}
+	stderr   *bytes.Buffer
 }
 
 // Start runs n memcached servers with default options.
@@ -74,27 +76,15 @@ func StartWith(t testing.TB, n int, o Options) []*Server {
 	}
 	out := make([]*Server, 0, n)
 	for range n {
-		s := &Server{t: t, CAFile: caFile}
-		var lastErr error
-		for attempt := 0; attempt < 5; attempt++ {
-			port, err := freePort()
-			if err != nil {
-				t.Fatalf("memcachetest: finding a free port: %v", err)
-			}
-			s.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-			s.args = []string{"-p", strconv.Itoa(port), "-l", "127.0.0.1", "-U", "0",
-				"-m", strconv.Itoa(o.MemoryMB), "-c", "1024", "-t", "2"}
-			if os.Geteuid() == 0 {
-				s.args = append(s.args, "-u", "root")
-			}
-			s.args = append(s.args, tlsArgs...)
-			s.args = append(s.args, o.Args...)
-			if lastErr = s.start(); lastErr == nil {
-				break
-			}
+		s := &Server{t: t, CAFile: caFile, portFile: filepath.Join(t.TempDir(), "ports")}
+		s.args = []string{"-l", "127.0.0.1", "-U", "0", "-m", strconv.Itoa(o.MemoryMB), "-c", "1024", "-t", "2"}
+		if os.Geteuid() == 0 {
+			s.args = append(s.args, "-u", "root")
 		}
-		if lastErr != nil {
-			t.Fatalf("memcachetest: starting memcached: %v", lastErr)
+		s.args = append(s.args, tlsArgs...)
+		s.args = append(s.args, o.Args...)
+		if err := s.start(); err != nil {
+			t.Fatalf("memcachetest: starting memcached: %v", err)
 		}
 		t.Cleanup(s.Stop)
 		out = append(out, s)
@@ -121,19 +111,18 @@ func Addrs(servers []*Server) []string {
 	return addrs
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
+// start runs memcached: the first time on a port it picks (-p -1), which it
+// writes to $MEMCACHED_PORT_FILENAME, then again on the same port.
 func (s *Server) start() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	cmd := exec.Command(Binary, s.args...)
+	port := "-1"
+	if s.Addr != "" {
+		_, port, _ = net.SplitHostPort(s.Addr)
+	}
+	_ = os.Remove(s.portFile)
+	cmd := exec.Command(Binary, append([]string{"-p", port}, s.args...)...)
+	cmd.Env = append(os.Environ(), "MEMCACHED_PORT_FILENAME="+s.portFile)
 	var stderr bytes.Buffer
 	cmd.Stdout = &stderr
 	cmd.Stderr = &stderr
@@ -149,7 +138,10 @@ func (s *Server) start() error {
 			return fmt.Errorf("memcached %v exited: %s", s.args, strings.TrimSpace(stderr.String()))
 		default:
 		}
-		if ping(s.Addr, s.CAFile != "") == nil {
+		if s.Addr == "" {
+			s.Addr = boundAddr(s.portFile)
+		}
+		if s.Addr != "" && ping(s.Addr, s.CAFile != "") == nil {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -161,6 +153,21 @@ func (s *Server) start() error {
 	}
 	s.cmd, s.done, s.stderr = cmd, done, &stderr
 	return nil
+}
+
+// boundAddr reads the TCP port memcached wrote to its port file ("TCP INET:
+// 12345"); "" until it is there.
+func boundAddr(portFile string) string {
+	b, err := os.ReadFile(portFile)
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if p, ok := strings.CutPrefix(line, "TCP INET: "); ok {
+			return net.JoinHostPort("127.0.0.1", strings.TrimSpace(p))
+		}
+	}
+	return ""
 }
 
 // ping connects and runs "version" (for TLS servers only a TCP connect).
