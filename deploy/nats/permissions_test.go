@@ -143,22 +143,6 @@ func runAgent(t *testing.T, url, user, region string) (*regionagent.Agent, *coun
 	return a, inv, reg
 }
 
-// gauge is the value of a gauge or counter without labels.
-func gauge(reg *prometheus.Registry, name string) float64 {
-	mfs, _ := reg.Gather()
-	for _, mf := range mfs {
-		if mf.GetName() == name && len(mf.GetMetric()) > 0 {
-			if g := mf.GetMetric()[0].GetGauge(); g != nil {
-				return g.GetValue()
-			}
-			if c := mf.GetMetric()[0].GetCounter(); c != nil {
-				return c.GetValue()
-			}
-		}
-	}
-	return 0
-}
-
 // TestLeastPrivilege starts the server from central.conf and runs every
 // component with its own user, then checks what a region must not do.
 func TestLeastPrivilege(t *testing.T) {
@@ -181,7 +165,7 @@ func TestLeastPrivilege(t *testing.T) {
 	go func() { pdone <- p.Run(pctx) }()
 	t.Cleanup(func() { pcancel(); <-pdone })
 	testutil.Eventually(t, 20*time.Second, "the bridge's poller holding its lease and polling", func() (bool, string) {
-		return gauge(pollerReg, "keystone_fanout_revoke_lease_held") == 1 && p.Ready() == nil, fmt.Sprint(p.Ready())
+		return testutil.Metric(pollerReg, "keystone_fanout_revoke_lease_held") == 1 && p.Ready() == nil, fmt.Sprint(p.Ready())
 	})
 
 	// Two regions, each with its own user.
@@ -194,7 +178,7 @@ func TestLeastPrivilege(t *testing.T) {
 		})
 	}
 	testutil.Eventually(t, 10*time.Second, "regionTwo seeing the poller", func() (bool, string) {
-		return gauge(reg2, "keystone_fanout_agent_revocation_poller_live") == 1, "not yet"
+		return testutil.Metric(reg2, "keystone_fanout_agent_revocation_poller_live") == 1, "not yet"
 	})
 
 	// An event published as the bridge publishes reaches both regions; the
@@ -206,7 +190,7 @@ func TestLeastPrivilege(t *testing.T) {
 		t.Fatalf("the bridge publishing an event: %v", err)
 	}
 	testutil.Eventually(t, 20*time.Second, "both regions handling the event, the poller proving its poll", func() (bool, string) {
-		polled := gauge(pollerReg, "keystone_fanout_revoke_polled_published_total")
+		polled := testutil.Metric(pollerReg, "keystone_fanout_revoke_polled_published_total")
 		return inv2.seen("n-1") && inv3.seen("n-1") && polled >= 1, fmt.Sprintf("regionTwo %v, regionThree %v, polled %v", inv2.seen("n-1"), inv3.seen("n-1"), polled)
 	})
 

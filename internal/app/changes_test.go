@@ -14,7 +14,6 @@ import (
 
 	gomemcache "github.com/bradfitz/gomemcache/memcache"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/keystone-fanout/keystone-fanout/bridge"
@@ -80,8 +79,8 @@ func (r *changeRig) settled() {
 	r.t.Helper()
 	time.Sleep(100 * time.Millisecond) // Keystone -> RabbitMQ -> bridge -> stream -> agent
 	testutil.Eventually(r.t, 30*time.Second, "the agent idle", func() (bool, string) {
-		held := gathered(r.reg, "keystone_fanout_agent_events_in_progress")
-		pending := gathered(r.reg, "keystone_fanout_agent_consumer_pending")
+		held := testutil.Metric(r.reg, "keystone_fanout_agent_events_in_progress")
+		pending := testutil.Metric(r.reg, "keystone_fanout_agent_consumer_pending")
 		return held == 0 && pending == 0, fmt.Sprintf("%v events in progress, %v pending", held, pending)
 	})
 }
@@ -379,9 +378,9 @@ func testChanges(t *testing.T, format string) {
 		}
 	})
 	testutil.Eventually(t, 60*time.Second, "the poller holding its lease, the agent consuming and seeing the poller", func() (bool, string) {
-		held := gathered(r.reg, "keystone_fanout_revoke_lease_held")
-		bound := gathered(r.reg, "keystone_fanout_agent_consumer_bound")
-		live := gathered(r.reg, "keystone_fanout_agent_revocation_poller_live")
+		held := testutil.Metric(r.reg, "keystone_fanout_revoke_lease_held")
+		bound := testutil.Metric(r.reg, "keystone_fanout_agent_consumer_bound")
+		live := testutil.Metric(r.reg, "keystone_fanout_agent_revocation_poller_live")
 		return held == 1 && bound == 1 && live == 1, fmt.Sprintf("lease held %v, consumer bound %v, poller live %v", held, bound, live)
 	})
 
@@ -437,55 +436,17 @@ func testChanges(t *testing.T, format string) {
 		t.Errorf("the bystander's entry was removed at the end (%v)", err)
 	}
 	for _, res := range []string{"source_off", "timeout"} {
-		if n := gathered(r.reg, "keystone_fanout_agent_resolutions_total", "result", res); n != 0 {
+		if n := testutil.Metric(r.reg, "keystone_fanout_agent_resolutions_total", "result", res); n != 0 {
 			t.Errorf("resolutions_total{result=%q} = %v, want 0", res, n)
 		}
 	}
-	if n := gathered(r.reg, "keystone_fanout_agent_sweeps_total"); n != 0 {
+	if n := testutil.Metric(r.reg, "keystone_fanout_agent_sweeps_total"); n != 0 {
 		t.Errorf("sweeps_total = %v, want 0", n)
 	}
 	t.Logf("%s format, Keystone's answer to the entry gone in the region:\n  %s", format, strings.Join(report, "\n  "))
 	if format == "cadf" {
-		if n := gathered(r.reg, "keystone_fanout_agent_resolutions_total", "result", "resolved"); n < 2 {
+		if n := testutil.Metric(r.reg, "keystone_fanout_agent_resolutions_total", "result", "resolved"); n < 2 {
 			t.Errorf("resolutions_total{result=resolved} = %v, want at least 2 (a removal from and an addition to a group)", n)
 		}
 	}
-}
-
-// gathered returns the value of a counter or gauge (with the given label
-// pairs) from reg; 0 when absent.
-func gathered(reg *prometheus.Registry, name string, labels ...string) float64 {
-	mfs, err := reg.Gather()
-	if err != nil {
-		return 0
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	metrics:
-		for _, m := range mf.GetMetric() {
-			for i := 0; i+1 < len(labels); i += 2 {
-				if !hasLabel(m, labels[i], labels[i+1]) {
-					continue metrics
-				}
-			}
-			switch {
-			case m.Counter != nil:
-				return m.Counter.GetValue()
-			case m.Gauge != nil:
-				return m.Gauge.GetValue()
-			}
-		}
-	}
-	return 0
-}
-
-func hasLabel(m *dto.Metric, name, value string) bool {
-	for _, l := range m.GetLabel() {
-		if l.GetName() == name && l.GetValue() == value {
-			return true
-		}
-	}
-	return false
 }

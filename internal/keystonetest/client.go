@@ -128,16 +128,7 @@ func (k *Keystone) passwordToken(ctx context.Context, user map[string]any, scope
 	if scope != nil {
 		auth["scope"] = scope
 	}
-	var body []byte
-	h, err := k.Request(ctx, http.MethodPost, "/auth/tokens", "", nil, map[string]any{"auth": auth}, &body)
-	if err != nil {
-		return "", nil, err
-	}
-	tok := h.Get("X-Subject-Token")
-	if tok == "" {
-		return "", nil, fmt.Errorf("keystonetest: POST /auth/tokens: no X-Subject-Token in the answer")
-	}
-	return tok, body, nil
+	return k.Authenticate(ctx, auth)
 }
 
 type idOnly struct {

@@ -69,14 +69,8 @@ func TestNotifications(t *testing.T) {
 	for {
 		select {
 		case d := <-deliveries:
-			var env struct {
-				Msg string `json:"oslo.message"`
-			}
-			var inner struct {
-				EventType string         `json:"event_type"`
-				Payload   map[string]any `json:"payload"`
-			}
-			if json.Unmarshal(d.Body, &env) != nil || json.Unmarshal([]byte(env.Msg), &inner) != nil {
+			inner, ok := decodeNotification(d.Body)
+			if !ok {
 				t.Fatalf("not a messagingv2 notification: %s", d.Body)
 			}
 			seen = append(seen, inner.EventType)
@@ -114,14 +108,8 @@ func eventListedWhenNotified(t *testing.T, k *Keystone, deliveries <-chan amqp.D
 	for {
 		select {
 		case d := <-deliveries:
-			var env struct {
-				Msg string `json:"oslo.message"`
-			}
-			var inner struct {
-				EventType string         `json:"event_type"`
-				Payload   map[string]any `json:"payload"`
-			}
-			if json.Unmarshal(d.Body, &env) != nil || json.Unmarshal([]byte(env.Msg), &inner) != nil {
+			inner, ok := decodeNotification(d.Body)
+			if !ok {
 				continue
 			}
 			if inner.EventType != "identity.group.updated" || inner.Payload["actor_operation"] != "removed" {
@@ -144,4 +132,23 @@ func eventListedWhenNotified(t *testing.T, k *Keystone, deliveries <-chan amqp.D
 			t.Fatal("no notification of the group membership removal within 30 s")
 		}
 	}
+}
+
+// notification is the part of a messagingv2 notification the tests read.
+type notification struct {
+	EventType string         `json:"event_type"`
+	Payload   map[string]any `json:"payload"`
+}
+
+// decodeNotification reads a messagingv2 body: the envelope, then the
+// notification inside it.
+func decodeNotification(body []byte) (notification, bool) {
+	var env struct {
+		Msg string `json:"oslo.message"`
+	}
+	var n notification
+	if json.Unmarshal(body, &env) != nil || json.Unmarshal([]byte(env.Msg), &n) != nil {
+		return notification{}, false
+	}
+	return n, true
 }
