@@ -91,6 +91,7 @@ const (
 	consumerErrIterator  = "iterator"
 	consumerErrAudit     = "audit"
 	consumerErrReset     = "reset"
+	consumerErrMirror    = "mirror"
 )
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -224,7 +225,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		m.invalidations.WithLabelValues(p)
 		m.failures.WithLabelValues(p)
 	}
-	for _, r := range []string{consumerErrBind, consumerErrDeleted, consumerErrHeartbeat, consumerErrIterator, consumerErrAudit, consumerErrReset} {
+	for _, r := range []string{consumerErrBind, consumerErrDeleted, consumerErrHeartbeat, consumerErrIterator, consumerErrAudit, consumerErrReset, consumerErrMirror} {
 		m.consumerErrors.WithLabelValues(r)
 	}
 	return m, nil
