@@ -3,6 +3,7 @@ package nats
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
 	"testing"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keystone-fanout/keystone-fanout/internal/app"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
@@ -279,5 +281,55 @@ func TestLeafRegionalMirror(t *testing.T) {
 	})
 	if strings.Contains(fmt.Sprint(a2.Ready()), "not consuming") {
 		t.Fatalf("the restarted agent is not consuming: %v", a2.Ready())
+	}
+}
+
+// TestStatusAndSweepInADomain: status and sweep reach the stream in the
+// JetStream domain --js-domain names, and a wrong domain finds nothing.
+func TestStatusAndSweepInADomain(t *testing.T) {
+	srv, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, JetStreamDomain: "hub",
+		StoreDir: t.TempDir(), NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Start()
+	if !srv.ReadyForConnections(10 * time.Second) {
+		t.Fatal("the server did not start")
+	}
+	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	nc, err := natsgo.Connect(srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := stream.Ensure(ctx, js, stream.Default()); err != nil {
+		t.Fatal(err)
+	}
+	no := natsconn.Options{URL: srv.ClientURL()}
+	tests := []struct {
+		name    string
+		domain  string
+		wantErr bool
+	}{
+		{"the server's own", "", false},
+		{"its domain", "hub", false},
+		{"another domain", "elsewhere", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out strings.Builder
+			err := app.RunStatus(ctx, app.StatusOptions{NATS: no, JetStreamDomain: tt.domain, JSON: true}, &out, testLog(t))
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("status: %v, want error %v\n%s", err, tt.wantErr, out.String())
+			}
+			if err := app.RunSweep(ctx, app.SweepOptions{NATS: no, JetStreamDomain: tt.domain, Reason: "test"}, io.Discard, testLog(t)); err != nil && !tt.wantErr {
+				t.Fatalf("sweep: %v", err)
+			}
+		})
 	}
 }

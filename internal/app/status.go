@@ -21,8 +21,11 @@ import (
 
 // StatusOptions configures `keystone-fanout status`.
 type StatusOptions struct {
-	NATS   natsconn.Options
-	Stream string // default stream.DefaultName
+	NATS natsconn.Options
+	// JetStreamDomain (--js-domain) is the stream's JetStream domain, when
+	// reached through a leaf node; empty: the server's own.
+	JetStreamDomain string
+	Stream          string // default stream.DefaultName
 	// CheckpointBucket is the agents' --checkpoint-bucket (default
 	// keystone-fanout-agents); a missing bucket shows as no checkpoints.
 	CheckpointBucket string
@@ -181,7 +184,7 @@ func RunStatus(ctx context.Context, o StatusOptions, w io.Writer, log *slog.Logg
 	if o.CheckpointBucket == "" {
 		o.CheckpointBucket = regionagent.DefaultCheckpointBucket
 	}
-	js, closeNATS, err := oneShotJetStream(ctx, o.NATS, "keystone-fanout-status", log)
+	js, closeNATS, err := oneShotJetStream(ctx, o.NATS, o.JetStreamDomain, "keystone-fanout-status", log)
 	if err != nil {
 		return err
 	}
@@ -449,13 +452,18 @@ func verdictLine(st *Status, c CheckOptions) string {
 
 // oneShotJetStream connects for a short command (status, sweep): the first
 // connection is bounded by 5 s instead of a daemon's patience.
-func oneShotJetStream(ctx context.Context, o natsconn.Options, name string, log *slog.Logger) (jetstream.JetStream, func(), error) {
+func oneShotJetStream(ctx context.Context, o natsconn.Options, domain, name string, log *slog.Logger) (jetstream.JetStream, func(), error) {
 	o.ConnectTimeout = 5 * time.Second
 	nc, err := natsconn.Connect(ctx, o, name, log, nil)
 	if err != nil {
 		return nil, nil, err
 	}
-	js, err := jetstream.New(nc)
+	var js jetstream.JetStream
+	if domain != "" {
+		js, err = jetstream.NewWithDomain(nc, domain)
+	} else {
+		js, err = jetstream.New(nc)
+	}
 	if err != nil {
 		nc.Close()
 		return nil, nil, err
