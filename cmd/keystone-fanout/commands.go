@@ -200,3 +200,47 @@ func runSweep(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	}
 	return app.RunSweep(ctx, o, stdout, log)
 }
+
+const traceUsage = `Usage: keystone-fanout trace <message id | user id> [flags]
+
+Shows, region by region, when a change took effect: each region's agent publishes a
+receipt after every invalidation, naming the events it removed the cache entries of
+and when they were gone. Prints every event whose message id (oslo's message_id, the
+stream's Nats-Msg-Id) or user id is the one given, and the regions that have not
+confirmed it yet (every region with a consumer on the stream, or --expect-regions).
+Exit status: 0 every region confirmed every such event, 1 some region has not (or
+no receipt names it), 2 bad flags. The NATS connection is found as for status.`
+
+func runTrace(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	var o app.TraceOptions
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		o.Query, args = args[0], args[1:]
+	}
+	s := config.New("trace", traceUsage, stderr)
+	registerNATS(s, &o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated (default: NATS_URL, then the nats CLI's context)")
+	s.String(&o.JetStreamDomain, "js-domain", "", "JetStream domain of the streams, when reached through a leaf node (default: the nats CLI context's)")
+	s.String(&o.Stream, "stream", stream.DefaultName, "JetStream stream carrying the events (its consumers name the regions)")
+	s.List(&o.Regions, "expect-regions", nil, "regions that must confirm (default: every region with a consumer or a receipt)")
+	s.Bool(&o.JSON, "json", false, "print JSON")
+	if err := s.Parse(args, getenv); err != nil {
+		return parseErr(err)
+	}
+	if o.Query == "" {
+		return usageError{errors.New("give a message id or a user id first: keystone-fanout trace <id> [flags]")}
+	}
+	if _, err := natsCLIDefaults(s, getenv); err != nil {
+		return usageError{err}
+	}
+	if err := o.NATS.Validate(); err != nil {
+		return usageError{err}
+	}
+	log, err := newLogger(stderr, "text", "warn")
+	if err != nil {
+		return err
+	}
+	err = app.RunTrace(ctx, o, stdout, log)
+	if errors.Is(err, app.ErrNotConfirmed) {
+		return exitStatus(1) // printed
+	}
+	return err
+}

@@ -95,6 +95,9 @@ func TestLeafCentralConsumer(t *testing.T) {
 	if err := stream.Ensure(ctx, bjs, stream.Default()); err != nil {
 		t.Fatal(err)
 	}
+	if err := stream.EnsureReceipts(ctx, bjs, stream.Default()); err != nil {
+		t.Fatal(err)
+	}
 	startPoller(t, bjs)
 	leafURL := startLeaf(t, central)
 
@@ -126,6 +129,13 @@ func TestLeafCentralConsumer(t *testing.T) {
 			return false, err.Error()
 		}
 		return gauge(reg2, "keystone_fanout_agent_checkpoint_errors_total") == 0, string(e.Value())
+	})
+
+	// Its receipts reach the central side through the leaf.
+	testutil.Eventually(t, 20*time.Second, "trace showing regionTwo's receipt", func() (bool, string) {
+		var out strings.Builder
+		err := app.RunTrace(ctx, app.TraceOptions{NATS: natsOptions(url, "operator"), Query: "u-n-leaf-1"}, &out, testLog(t))
+		return err == nil && strings.Contains(out.String(), "confirmed by 2 of 2 regions"), fmt.Sprintf("%v %s", err, out.String())
 	})
 
 	// What the region must not do through its leaf.

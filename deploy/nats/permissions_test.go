@@ -197,6 +197,9 @@ func TestLeastPrivilege(t *testing.T) {
 	if err := stream.Ensure(ctx, bjs, stream.Default()); err != nil {
 		t.Fatalf("the bridge ensuring the stream: %v", err)
 	}
+	if err := stream.EnsureReceipts(ctx, bjs, stream.Default()); err != nil {
+		t.Fatalf("the bridge ensuring the receipts stream: %v", err)
+	}
 	pollerReg := prometheus.NewRegistry()
 	p, err := revoke.New(revoke.Options{URL: fakeKeystone(t), Username: "svc", Password: "pw", Project: "service"},
 		bjs, pollerReg, testLog(t).With("component", "poller"))
@@ -247,6 +250,11 @@ func TestLeastPrivilege(t *testing.T) {
 	if err := app.RunSweep(ctx, app.SweepOptions{NATS: natsOptions(url, "operator"), Reason: "test"}, io.Discard, testLog(t)); err != nil {
 		t.Fatalf("sweep as the operator: %v", err)
 	}
+	testutil.Eventually(t, 20*time.Second, "trace as the operator: both regions confirmed the event", func() (bool, string) {
+		out.Reset()
+		err := app.RunTrace(ctx, app.TraceOptions{NATS: natsOptions(url, "operator"), Query: "n-1"}, &out, testLog(t))
+		return err == nil && strings.Contains(out.String(), "confirmed by 2 of 2 regions"), fmt.Sprintf("%v %s", err, out.String())
+	})
 
 	// What regionTwo's credentials must not do.
 	nc2, js2 := connect(t, url, "regionTwo")
@@ -291,6 +299,12 @@ func TestLeastPrivilege(t *testing.T) {
 				return err
 			}
 			_, err = kv.Get(c, "regionThree")
+			return err
+		}},
+		{"publish regionThree's receipt", func() error {
+			c, cancel := short()
+			defer cancel()
+			_, err := js2.Publish(c, stream.ReceiptSubject("regionThree"), []byte(`{"v":1,"region":"regionThree"}`))
 			return err
 		}},
 		{"write the poller's lease", func() error {
