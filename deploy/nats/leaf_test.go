@@ -249,6 +249,9 @@ func TestLeafRegionalMirror(t *testing.T) {
 	if err := stream.Ensure(ctx, bjs, stream.Default()); err != nil {
 		t.Fatal(err)
 	}
+	if err := stream.EnsureReceipts(ctx, bjs, stream.Default()); err != nil {
+		t.Fatal(err)
+	}
 	leafURL := startLeaf(t, central)
 	o := regionagent.Options{Region: "regionTwo", MirrorFrom: "central", RetryMax: time.Second, AuditInterval: 200 * time.Millisecond}
 
@@ -261,6 +264,19 @@ func TestLeafRegionalMirror(t *testing.T) {
 	testutil.Eventually(t, 20*time.Second, "the event through the mirror", func() (bool, string) {
 		return inv.seen("n-mirror-1"), "not yet"
 	})
+	// The receipt reaches the central side; status there shows the
+	// mirror's consumer.
+	testutil.Eventually(t, 20*time.Second, "trace showing the region's receipt", func() (bool, string) {
+		var out strings.Builder
+		err := app.RunTrace(ctx, app.TraceOptions{NATS: natsOptions(url, "operator"), Query: "n-mirror-1"}, &out, testLog(t))
+		return err == nil && strings.Contains(out.String(), "confirmed by 1 of 1 regions"), fmt.Sprintf("%v %s", err, out.String())
+	})
+	var status strings.Builder
+	if err := app.RunStatus(ctx, app.StatusOptions{NATS: natsOptions(url, "operator")}, &status, testLog(t)); err != nil ||
+		!strings.Contains(status.String(), stream.MirrorConsumerName("regionTwo")) {
+		t.Fatalf("status on the central side: %v\n%s", err, status.String())
+	}
+	t.Logf("status:\n%s", status.String())
 	stop()
 
 	// The mirror lives in the region's domain, read through its source
