@@ -359,3 +359,20 @@ func TestStatusAndSweepInADomain(t *testing.T) {
 		})
 	}
 }
+
+// TestLeafMissingPermissionIsExplained: through a leaf node a request the
+// central side refuses finds no responders; an agent started with another
+// region's name says so, and what to check.
+func TestLeafMissingPermissionIsExplained(t *testing.T) {
+	central := startCentralServer(t)
+	_, bjs := connect(t, central.ClientURL(), "bridge")
+	if err := stream.Ensure(context.Background(), bjs, stream.Default()); err != nil {
+		t.Fatal(err)
+	}
+	leafURL := startLeaf(t, central)
+	a, _, _, _ := startAgent(t, connectLeaf(t, leafURL), regionagent.Options{Region: "regionThree", JetStreamDomain: "central", RetryMax: time.Second})
+	testutil.Eventually(t, 30*time.Second, "the agent to explain the refusal", func() (bool, string) {
+		err := a.Ready()
+		return err != nil && strings.Contains(err.Error(), "lacks the permission") && strings.Contains(err.Error(), "regionThree"), fmt.Sprint(err)
+	})
+}
