@@ -2,6 +2,7 @@ package app
 
 import (
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -45,6 +46,34 @@ func TestTraceEvents(t *testing.T) {
 			got := traceEvents(receipts, tt.query, tt.expect)
 			if !reflect.DeepEqual(got, tt.want) {
 				t.Fatalf("got  %+v\nwant %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestJudgeRegionalMirror: a region seen through its regional mirror's
+// consumer is judged by the mirror: followed is OK, not followed a WARNING,
+// and never "no agent attached".
+func TestJudgeRegionalMirror(t *testing.T) {
+	c := CheckOptions{Regions: []string{"regionTwo"}, WarnLag: DefaultWarnLag, MaxLag: DefaultMaxLag}
+	tests := []struct {
+		name   string
+		region RegionStatus
+		want   CheckState
+		reason string
+	}{
+		{"mirror followed", RegionStatus{Name: "regionTwo", Consumer: true, Mirror: true, MirrorBound: true}, CheckOK, ""},
+		{"mirror not followed", RegionStatus{Name: "regionTwo", Consumer: true, Mirror: true}, CheckWarning, "regional mirror not following"},
+		{"an agent's consumer without a pull", RegionStatus{Name: "regionTwo", Consumer: true}, CheckWarning, "no agent attached"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res := judge(&Status{Consumers: []RegionStatus{tt.region}}, c)
+			if res.State != tt.want {
+				t.Fatalf("state %v, want %v: %+v", res.State, tt.want, res.Problems)
+			}
+			if tt.reason != "" && (len(res.Problems) != 1 || !strings.Contains(res.Problems[0].Reason, tt.reason)) {
+				t.Fatalf("problems %+v, want one saying %q", res.Problems, tt.reason)
 			}
 		})
 	}
