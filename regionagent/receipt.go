@@ -23,7 +23,7 @@ func (a *Agent) sendReceipt(batch []*item, res Result, gone time.Time) {
 			if user == "" && it.ev.Revocation != nil {
 				user = it.ev.Revocation.UserID
 			}
-			r.Events = append(r.Events, stream.ReceiptEvent{Seq: it.seq, ID: it.ev.ID, User: user})
+			r.Events = append(r.Events, stream.ReceiptEvent{Seq: it.seq, ID: it.ev.ID, User: user, Stored: it.stored.UTC()})
 		}
 	}
 	if len(r.Events) == 0 {

@@ -270,7 +270,8 @@ func TestLeafRegionalMirror(t *testing.T) {
 	testutil.Eventually(t, 20*time.Second, "trace showing the region's receipt", func() (bool, string) {
 		var out strings.Builder
 		err := app.RunTrace(ctx, app.TraceOptions{NATS: natsOptions(url, "operator"), Query: "n-mirror-1"}, &out, testLog(t))
-		return err == nil && strings.Contains(out.String(), "confirmed by 1 of 1 regions"), fmt.Sprintf("%v %s", err, out.String())
+		return err == nil && strings.Contains(out.String(), "confirmed by 1 of 1 regions") &&
+			strings.Contains(out.String(), "after the stream stored it"), fmt.Sprintf("%v %s", err, out.String())
 	})
 	var status strings.Builder
 	err := app.RunStatus(ctx, app.StatusOptions{NATS: natsOptions(url, "operator"), Check: &app.CheckOptions{Regions: []string{"regionTwo"}}}, &status, testLog(t))

@@ -44,9 +44,11 @@ var ErrNotConfirmed = errors.New("not confirmed everywhere")
 // TracedEvent is one event matching the query and, per region, when its cache
 // entries were gone (zero: not confirmed).
 type TracedEvent struct {
-	Seq     uint64               `json:"seq"`
-	ID      string               `json:"id"`
-	User    string               `json:"user,omitempty"`
+	Seq  uint64 `json:"seq"`
+	ID   string `json:"id"`
+	User string `json:"user,omitempty"`
+	// Stored is when the stream stored the event (zero: unknown).
+	Stored  time.Time            `json:"stored,omitzero"`
 	Gone    map[string]time.Time `json:"gone"`
 	Missing []string             `json:"missing"`
 }
@@ -181,7 +183,7 @@ func traceEvents(receipts []stream.Receipt, query string, expect map[string]bool
 			k := fmt.Sprintf("%s/%d", r.Stream, e.Seq)
 			t := bySeq[k]
 			if t == nil {
-				t = &TracedEvent{Seq: e.Seq, ID: e.ID, User: e.User, Gone: map[string]time.Time{}}
+				t = &TracedEvent{Seq: e.Seq, ID: e.ID, User: e.User, Stored: e.Stored, Gone: map[string]time.Time{}}
 				bySeq[k] = t
 				order = append(order, k)
 			}
@@ -216,6 +218,9 @@ func printTrace(w io.Writer, events []TracedEvent, query string, regions []strin
 		if e.User != "" {
 			fmt.Fprintf(w, ", user %s", e.User)
 		}
+		if !e.Stored.IsZero() {
+			fmt.Fprintf(w, ", stored %s", e.Stored.UTC().Format(time.RFC3339Nano))
+		}
 		fmt.Fprintln(w, ")")
 		names := sortedKeys(e.Gone)
 		for _, m := range e.Missing {
@@ -225,7 +230,9 @@ func printTrace(w io.Writer, events []TracedEvent, query string, regions []strin
 		}
 		sort.Strings(names)
 		for _, r := range names {
-			if g, ok := e.Gone[r]; ok {
+			if g, ok := e.Gone[r]; ok && !e.Stored.IsZero() {
+				fmt.Fprintf(w, "  %-20s gone %s (%s after the stream stored it)\n", r, g.UTC().Format(time.RFC3339Nano), g.Sub(e.Stored).Round(time.Microsecond))
+			} else if ok {
 				fmt.Fprintf(w, "  %-20s gone %s\n", r, g.UTC().Format(time.RFC3339Nano))
 			} else {
 				fmt.Fprintf(w, "  %-20s NOT CONFIRMED\n", r)

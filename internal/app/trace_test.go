@@ -14,7 +14,7 @@ func TestTraceEvents(t *testing.T) {
 	rc := func(region string, gone time.Duration, evs ...stream.ReceiptEvent) stream.Receipt {
 		return stream.Receipt{Version: stream.ReceiptVersion, Region: region, Stream: "KEYSTONE", Events: evs, Gone: t0.Add(gone)}
 	}
-	e1 := stream.ReceiptEvent{Seq: 1, ID: "m-1", User: "u1"}
+	e1 := stream.ReceiptEvent{Seq: 1, ID: "m-1", User: "u1", Stored: t0}
 	e2 := stream.ReceiptEvent{Seq: 2, ID: "m-2", User: "u1"}
 	e3 := stream.ReceiptEvent{Seq: 3, ID: "m-3", User: "u2"}
 	receipts := []stream.Receipt{
@@ -29,15 +29,15 @@ func TestTraceEvents(t *testing.T) {
 		expect map[string]bool
 		want   []TracedEvent
 	}{
-		{"by message id, everywhere", "m-1", both, []TracedEvent{{Seq: 1, ID: "m-1", User: "u1",
+		{"by message id, everywhere", "m-1", both, []TracedEvent{{Seq: 1, ID: "m-1", User: "u1", Stored: t0,
 			Gone: map[string]time.Time{"regionTwo": t0.Add(time.Millisecond), "regionThree": t0.Add(3 * time.Millisecond)}, Missing: []string{}}}},
 		{"by user: every event of the user", "u1", both, []TracedEvent{
-			{Seq: 1, ID: "m-1", User: "u1", Gone: map[string]time.Time{"regionTwo": t0.Add(time.Millisecond), "regionThree": t0.Add(3 * time.Millisecond)}, Missing: []string{}},
+			{Seq: 1, ID: "m-1", User: "u1", Stored: t0, Gone: map[string]time.Time{"regionTwo": t0.Add(time.Millisecond), "regionThree": t0.Add(3 * time.Millisecond)}, Missing: []string{}},
 			{Seq: 2, ID: "m-2", User: "u1", Gone: map[string]time.Time{"regionTwo": t0.Add(9 * time.Millisecond), "regionThree": t0.Add(3 * time.Millisecond)}, Missing: []string{}},
 		}},
 		{"a region has not confirmed", "m-3", both, []TracedEvent{{Seq: 3, ID: "m-3", User: "u2",
 			Gone: map[string]time.Time{"regionTwo": t0.Add(time.Millisecond)}, Missing: []string{"regionThree"}}}},
-		{"an expected region without any receipt", "m-1", map[string]bool{"regionTwo": true, "regionFour": true}, []TracedEvent{{Seq: 1, ID: "m-1", User: "u1",
+		{"an expected region without any receipt", "m-1", map[string]bool{"regionTwo": true, "regionFour": true}, []TracedEvent{{Seq: 1, ID: "m-1", User: "u1", Stored: t0,
 			Gone: map[string]time.Time{"regionTwo": t0.Add(time.Millisecond), "regionThree": t0.Add(3 * time.Millisecond)}, Missing: []string{"regionFour"}}}},
 		{"nothing matches", "m-9", both, []TracedEvent{}},
 	}

@@ -42,11 +42,13 @@ type Receipt struct {
 }
 
 // ReceiptEvent names one event a receipt covers: its stream sequence, its
-// Nats-Msg-Id (event.Event.ID) and the user it concerns, if one.
+// Nats-Msg-Id (event.Event.ID), the user it concerns, if one, and when the
+// stream stored it (on the NATS server's clock).
 type ReceiptEvent struct {
-	Seq  uint64 `json:"seq"`
-	ID   string `json:"id"`
-	User string `json:"user,omitempty"`
+	Seq    uint64    `json:"seq"`
+	ID     string    `json:"id"`
+	User   string    `json:"user,omitempty"`
+	Stored time.Time `json:"stored,omitzero"`
 }
 
 // Marshal encodes r.
