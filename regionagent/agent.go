@@ -403,7 +403,9 @@ var errNoStream = errors.New("the bridge creates it (check --stream and that a b
 // options and checks for a gap.
 func (a *Agent) bind(ctx context.Context) (jetstream.Consumer, error) {
 	if a.o.MirrorFrom != "" {
-		a.ensureMirror(ctx)
+		if err := a.ensureMirror(ctx); err != nil {
+			return nil, err
+		}
 	}
 	s, err := a.js.Stream(ctx, a.o.Stream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
@@ -460,13 +462,19 @@ const mirrorTimeout = 5 * time.Second
 // ensureMirror creates the regional mirror and its source consumer when
 // missing (stream.EnsureMirror). A failure is logged and counted: while the
 // central domain is unreachable the agent consumes the mirror as it is, and
-// without a mirror bind reports the missing stream.
-func (a *Agent) ensureMirror(ctx context.Context) {
+// without a mirror bind reports the missing stream. It returns an error only
+// when the region's stream of that name is not the mirror (ErrNotMirror): the
+// agent then does not consume it.
+func (a *Agent) ensureMirror(ctx context.Context) error {
 	mctx, cancel := context.WithTimeout(ctx, mirrorTimeout)
 	defer cancel()
 	err := stream.EnsureMirror(mctx, a.central, a.js, a.o.Stream, a.o.Region, a.o.MirrorFrom)
 	if err == nil {
-		return
+		return nil
+	}
+	if errors.Is(err, stream.ErrNotMirror) {
+		a.m.consumerErrors.WithLabelValues(consumerErrMirror).Inc()
+		return err
 	}
 	if last := a.nc.LastError(); errors.Is(last, nats.ErrPermissionViolation) {
 		err = fmt.Errorf("%w (NATS: %v)", err, last)
@@ -474,6 +482,7 @@ func (a *Agent) ensureMirror(ctx context.Context) {
 	a.m.consumerErrors.WithLabelValues(consumerErrMirror).Inc()
 	a.log.Warn("cannot check the regional mirror and its source on the central stream; consuming the mirror as it is",
 		"stream", a.o.Stream, "mirror_from", a.o.MirrorFrom, "err", err)
+	return nil
 }
 
 // resetTimeout bounds the consumer reset of handBackOrphans.

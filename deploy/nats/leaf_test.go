@@ -2,6 +2,7 @@ package nats
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"regexp"
@@ -299,6 +300,15 @@ func TestLeafRegionalMirror(t *testing.T) {
 		return si.State.LastSeq == 2, fmt.Sprintf("mirror last seq %d", si.State.LastSeq)
 	})
 
+	// Ensuring the mirror again (every agent start does) changes nothing.
+	cjs, err := jetstream.NewWithDomain(connectLeaf(t, leafURL), "central")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.EnsureMirror(ctx, cjs, ljs, "KEYSTONE", "regionTwo", "central"); err != nil {
+		t.Fatalf("ensuring the running mirror again: %v", err)
+	}
+
 	// The central server goes away; the region replays from its mirror.
 	central.Shutdown()
 	central.WaitForShutdown()
@@ -375,5 +385,30 @@ func TestLeafMissingPermissionIsExplained(t *testing.T) {
 	testutil.Eventually(t, 30*time.Second, "the agent to explain the refusal", func() (bool, string) {
 		err := a.Ready()
 		return err != nil && strings.Contains(err.Error(), "lacks the permission") && strings.Contains(err.Error(), "regionThree"), fmt.Sprint(err)
+	})
+}
+
+// TestLeafForeignStreamIsNotConsumed: with --mirror-from, a stream of the
+// same name in the region's domain that is not the regional mirror is never
+// consumed (it could miss events); the agent says why.
+func TestLeafForeignStreamIsNotConsumed(t *testing.T) {
+	central := startCentralServer(t)
+	_, bjs := connect(t, central.ClientURL(), "bridge")
+	ctx := context.Background()
+	if err := stream.Ensure(ctx, bjs, stream.Default()); err != nil {
+		t.Fatal(err)
+	}
+	leafURL := startLeaf(t, central)
+	ljs, err := jetstream.New(connectLeaf(t, leafURL))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ljs.CreateStream(ctx, jetstream.StreamConfig{Name: "KEYSTONE", Subjects: []string{"elsewhere.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	a, _, _, _ := startAgent(t, connectLeaf(t, leafURL), regionagent.Options{Region: "regionTwo", MirrorFrom: "central", RetryMax: time.Second})
+	testutil.Eventually(t, 20*time.Second, "the agent refusing the foreign stream", func() (bool, string) {
+		err := a.Ready()
+		return err != nil && errors.Is(err, stream.ErrNotMirror) && strings.Contains(err.Error(), "nats stream rm KEYSTONE"), fmt.Sprint(err)
 	})
 }

@@ -242,6 +242,11 @@ func MirrorDeliverSubject(region string) string { return "keystone-fanout.mirror
 // another domain reaches it: "$JS.<domain>.API".
 func MirrorAPIPrefix(domain string) string { return "$JS." + domain + ".API" }
 
+// ErrNotMirror is EnsureMirror's error when the region's domain holds a
+// stream of the name that is not the mirror it would create: consuming it
+// could miss events, so the agent does not.
+var ErrNotMirror = errors.New("not the regional mirror keystone-fanout creates")
+
 // EnsureMirror makes region's regional mirror of the stream name exist: on
 // central (the JetStream of the central stream, reached in its domain
 // fromDomain) the durable push consumer MirrorConsumerName(region), which
@@ -249,14 +254,28 @@ func MirrorAPIPrefix(domain string) string { return "$JS." + domain + ".API" }
 // position; on local (the region's own JetStream domain) the stream name,
 // mirroring the central one through that consumer, with the central stream's
 // max age. An existing mirror is kept as it is; a stream of that name that is
-// no such mirror is an error. It needs NATS server 2.14 or later on both sides
-// (durable sourcing) and fails when the central stream does not exist yet.
+// no such mirror is ErrNotMirror, found without the central side. It needs
+// NATS server 2.14 or later on both sides (durable sourcing) and fails when
+// the central stream does not exist yet.
 func EnsureMirror(ctx context.Context, central, local jetstream.JetStream, name, region, fromDomain string) error {
+	cname, deliver := MirrorConsumerName(region), MirrorDeliverSubject(region)
+	s, err := local.Stream(ctx, name)
+	exists := err == nil
+	switch {
+	case exists:
+		m := s.CachedInfo().Config.Mirror
+		if m == nil || m.Name != name || m.Consumer == nil || m.Consumer.Name != cname ||
+			m.External == nil || m.External.APIPrefix != MirrorAPIPrefix(fromDomain) {
+			return fmt.Errorf("JetStream stream %s in the region's domain: %w (of %s in domain %s through consumer %s): "+
+				"delete it (nats stream rm %s) and the agent creates it", name, ErrNotMirror, name, fromDomain, cname, name)
+		}
+	case !errors.Is(err, jetstream.ErrStreamNotFound):
+		return fmt.Errorf("regional mirror %s: %w", name, err)
+	}
 	origin, err := central.Stream(ctx, name)
 	if err != nil {
 		return fmt.Errorf("central JetStream stream %s (domain %s): %w", name, fromDomain, err)
 	}
-	cname, deliver := MirrorConsumerName(region), MirrorDeliverSubject(region)
 	if _, err := central.CreateOrUpdatePushConsumer(ctx, name, jetstream.ConsumerConfig{
 		Durable:        cname,
 		Description:    "keystone-fanout regional mirror of " + region,
@@ -268,18 +287,8 @@ func EnsureMirror(ctx context.Context, central, local jetstream.JetStream, name,
 	}); err != nil {
 		return fmt.Errorf("mirror consumer %s on the central stream %s (domain %s): %w", cname, name, fromDomain, err)
 	}
-	s, err := local.Stream(ctx, name)
-	if err == nil {
-		m := s.CachedInfo().Config.Mirror
-		if m == nil || m.Name != name || m.Consumer == nil || m.Consumer.Name != cname ||
-			m.External == nil || m.External.APIPrefix != MirrorAPIPrefix(fromDomain) {
-			return fmt.Errorf("JetStream stream %s in the region's domain is not the mirror keystone-fanout creates "+
-				"(of %s in domain %s through consumer %s): delete it (nats stream rm %s) and the agent creates it", name, name, fromDomain, cname, name)
-		}
+	if exists {
 		return nil
-	}
-	if !errors.Is(err, jetstream.ErrStreamNotFound) {
-		return fmt.Errorf("regional mirror %s: %w", name, err)
 	}
 	_, err = local.CreateStream(ctx, jetstream.StreamConfig{
 		Name:        name,
