@@ -400,6 +400,14 @@ func (b *Bridge) checkStream(ctx context.Context, ensure bool) error {
 	}
 	if ensure {
 		err = stream.Ensure(cctx, b.js, b.o.Stream)
+		if err == nil {
+			// The agents' receipts (keystone-fanout trace): evidence only, so
+			// their stream missing makes the bridge no less ready.
+			if rerr := stream.EnsureReceipts(cctx, b.js, b.o.Stream); rerr != nil {
+				b.log.Warn("cannot ensure the receipts stream: keystone-fanout trace will show no receipts",
+					"stream", stream.ReceiptsStream, "err", rerr)
+			}
+		}
 	}
 	if ctx.Err() == nil {
 		b.setErr(&b.streamErr, err)

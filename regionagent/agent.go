@@ -80,12 +80,15 @@ const WidenedEventType = "keystone-fanout.widened"
 
 // Agent consumes one region's events. Create it with New, run it with Run.
 type Agent struct {
-	o   Options
-	nc  *nats.Conn
-	js  jetstream.JetStream
-	inv Invalidator
-	log *slog.Logger
-	m   *metrics
+	o  Options
+	nc *nats.Conn
+	// js reaches the stream the agent consumes (the central one, or the
+	// regional mirror) and the checkpoint bucket; central reaches the central
+	// stream's domain: the poller's lease and the mirror's source.
+	js, central jetstream.JetStream
+	inv         Invalidator
+	log         *slog.Logger
+	m           *metrics
 
 	tr   tracker
 	in   chan *item
@@ -156,28 +159,29 @@ func New(o Options, nc *nats.Conn, inv Invalidator, reg prometheus.Registerer, l
 	if log == nil {
 		log = slog.Default()
 	}
-	var js jetstream.JetStream
-	var err error
-	if o.JetStreamDomain != "" {
-		js, err = jetstream.NewWithDomain(nc, o.JetStreamDomain)
-	} else {
-		js, err = jetstream.New(nc)
-	}
+	js, err := newJetStream(nc, o.JetStreamDomain)
 	if err != nil {
 		return nil, fmt.Errorf("regionagent: JetStream: %w", err)
+	}
+	central := js
+	if o.MirrorFrom != "" {
+		if central, err = newJetStream(nc, o.MirrorFrom); err != nil {
+			return nil, fmt.Errorf("regionagent: JetStream: %w", err)
+		}
 	}
 	m, err := newMetrics(reg)
 	if err != nil {
 		return nil, fmt.Errorf("regionagent: registering metrics: %w", err)
 	}
 	a := &Agent{
-		o:   o,
-		nc:  nc,
-		js:  js,
-		inv: inv,
-		log: log.With("component", "agent", "region", o.Region),
-		m:   m,
-		in:  make(chan *item, 2*o.MaxAckPending+64),
+		o:       o,
+		nc:      nc,
+		js:      js,
+		central: central,
+		inv:     inv,
+		log:     log.With("component", "agent", "region", o.Region),
+		m:       m,
+		in:      make(chan *item, 2*o.MaxAckPending+64),
 	}
 	a.held.items = map[*item]struct{}{}
 	live := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -194,6 +198,14 @@ func New(o Options, nc *nats.Conn, inv Invalidator, reg prometheus.Registerer, l
 	}
 	a.consumer = stream.ConsumerName(o.Region)
 	return a, nil
+}
+
+// newJetStream is JetStream in domain, or the server's own when domain is "".
+func newJetStream(nc *nats.Conn, domain string) (jetstream.JetStream, error) {
+	if domain != "" {
+		return jetstream.NewWithDomain(nc, domain)
+	}
+	return jetstream.New(nc)
 }
 
 // Run consumes until ctx ends, then stops within Options.ShutdownTimeout: an
@@ -349,6 +361,10 @@ func (a *Agent) consume(ctx context.Context) error {
 			// times out; the connection keeps the server's reason.
 			if last := a.nc.LastError(); errors.Is(last, nats.ErrPermissionViolation) {
 				err = fmt.Errorf("%w (NATS: %v)", err, last)
+			} else if errors.Is(err, nats.ErrNoResponders) && (a.o.JetStreamDomain != "" || a.o.MirrorFrom != "") {
+				// Through a leaf node a refused request finds no responders.
+				err = fmt.Errorf("%w (through a leaf node this means: the JetStream domain (--js-domain %q) is wrong or "+
+					"unreachable, or the region's user on the central side lacks the permission for the request)", err, a.o.JetStreamDomain)
 			}
 			a.mu.Lock()
 			a.lastBindErr = err
@@ -386,6 +402,11 @@ var errNoStream = errors.New("the bridge creates it (check --stream and that a b
 // bind finds or creates the consumer, brings its settings in line with the
 // options and checks for a gap.
 func (a *Agent) bind(ctx context.Context) (jetstream.Consumer, error) {
+	if a.o.MirrorFrom != "" {
+		if err := a.ensureMirror(ctx); err != nil {
+			return nil, err
+		}
+	}
 	s, err := a.js.Stream(ctx, a.o.Stream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		return nil, fmt.Errorf("stream %s does not exist: %w", a.o.Stream, errNoStream)
@@ -433,6 +454,35 @@ func (a *Agent) bind(ctx context.Context) (jetstream.Consumer, error) {
 		return nil, err
 	}
 	return cons, nil
+}
+
+// mirrorTimeout bounds ensureMirror.
+const mirrorTimeout = 5 * time.Second
+
+// ensureMirror creates the regional mirror and its source consumer when
+// missing (stream.EnsureMirror). A failure is logged and counted: while the
+// central domain is unreachable the agent consumes the mirror as it is, and
+// without a mirror bind reports the missing stream. It returns an error only
+// when the region's stream of that name is not the mirror (ErrNotMirror): the
+// agent then does not consume it.
+func (a *Agent) ensureMirror(ctx context.Context) error {
+	mctx, cancel := context.WithTimeout(ctx, mirrorTimeout)
+	defer cancel()
+	err := stream.EnsureMirror(mctx, a.central, a.js, a.o.Stream, a.o.Region, a.o.MirrorFrom)
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, stream.ErrNotMirror) {
+		a.m.consumerErrors.WithLabelValues(consumerErrMirror).Inc()
+		return err
+	}
+	if last := a.nc.LastError(); errors.Is(last, nats.ErrPermissionViolation) {
+		err = fmt.Errorf("%w (NATS: %v)", err, last)
+	}
+	a.m.consumerErrors.WithLabelValues(consumerErrMirror).Inc()
+	a.log.Warn("cannot check the regional mirror and its source on the central stream; consuming the mirror as it is",
+		"stream", a.o.Stream, "mirror_from", a.o.MirrorFrom, "err", err)
+	return nil
 }
 
 // resetTimeout bounds the consumer reset of handBackOrphans.

@@ -70,6 +70,7 @@ type metrics struct {
 	consumerErrors   *prometheus.CounterVec
 	recreations      prometheus.Counter
 	ackFailures      prometheus.Counter
+	receiptErrors    prometheus.Counter
 	checkpointErrors prometheus.Counter
 	checkpointSeq    prometheus.Gauge
 	panics           prometheus.Counter
@@ -91,6 +92,7 @@ const (
 	consumerErrIterator  = "iterator"
 	consumerErrAudit     = "audit"
 	consumerErrReset     = "reset"
+	consumerErrMirror    = "mirror"
 )
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -177,6 +179,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: metricPrefix + "consumer_created_total",
 			Help: "Times the agent created its consumer (first start, or after it was deleted).",
 		}),
+		receiptErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: metricPrefix + "receipt_errors_total",
+			Help: "Receipts (keystone-fanout trace's evidence) not stored: no receipts stream, no permission, or NATS away. The invalidation itself is unaffected.",
+		}),
 		ackFailures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: metricPrefix + "ack_failures_total",
 			Help: "Acknowledgements that could not be sent (NATS away); JetStream redelivers those events and they are invalidated again.",
@@ -205,7 +211,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, c := range []prometheus.Collector{m.events, m.undecodable, m.redeliveries,
 		m.sweeps, m.gaps, m.secondRemovals, m.latency, m.resolutions, m.resolveWait, m.invalidations, m.failures,
 		m.callDuration, m.batchSize, m.pending, m.ackPending, m.held, m.bound, m.consumerErrors,
-		m.recreations, m.ackFailures, m.checkpointErrors, m.checkpointSeq, m.panics, m.skippedFetched, m.resets} {
+		m.recreations, m.ackFailures, m.receiptErrors, m.checkpointErrors, m.checkpointSeq, m.panics, m.skippedFetched, m.resets} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -224,7 +230,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		m.invalidations.WithLabelValues(p)
 		m.failures.WithLabelValues(p)
 	}
-	for _, r := range []string{consumerErrBind, consumerErrDeleted, consumerErrHeartbeat, consumerErrIterator, consumerErrAudit, consumerErrReset} {
+	for _, r := range []string{consumerErrBind, consumerErrDeleted, consumerErrHeartbeat, consumerErrIterator, consumerErrAudit, consumerErrReset, consumerErrMirror} {
 		m.consumerErrors.WithLabelValues(r)
 	}
 	return m, nil

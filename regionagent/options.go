@@ -54,8 +54,20 @@ type Options struct {
 	Stream string
 
 	// JetStreamDomain (--js-domain, default none) is the JetStream domain of the
-	// stream, when the agent reaches it through a leaf node.
+	// stream the agent consumes, when it reaches it through a leaf node: the
+	// central domain ("central" in deploy/nats) for the central stream, or the
+	// region's own domain (or none: the local server's) for a regional mirror
+	// (MirrorFrom).
 	JetStreamDomain string
+
+	// MirrorFrom (--mirror-from, default none) is the JetStream domain of the
+	// central stream when the region keeps a mirror of it in its own domain
+	// (JetStreamDomain) and the agent consumes the mirror. The agent creates
+	// the mirror and its durable source consumer on the central stream
+	// (stream.EnsureMirror) when they are missing; while the central domain is
+	// unreachable it consumes the mirror as it is. Needs NATS server 2.14 or
+	// later; see docs/OPERATIONS.md, "Regions behind leaf nodes".
+	MirrorFrom string
 
 	// TokenCacheTime (--token-cache-time, default 300s) is keystonemiddleware's
 	// [keystone_authtoken] token_cache_time: how long an entry lives in
@@ -312,6 +324,13 @@ func (o *Options) Validate() error {
 	}
 	if o.JetStreamDomain != "" && !domainPattern.MatchString(o.JetStreamDomain) {
 		add("--js-domain %q: a JetStream domain is made of A-Z, a-z, 0-9, '_' and '-'", o.JetStreamDomain)
+	}
+	switch {
+	case o.MirrorFrom == "":
+	case !domainPattern.MatchString(o.MirrorFrom):
+		add("--mirror-from %q: a JetStream domain is made of A-Z, a-z, 0-9, '_' and '-'", o.MirrorFrom)
+	case o.MirrorFrom == o.JetStreamDomain:
+		add("--mirror-from %q is the domain the agent consumes from (--js-domain): give the central domain to --mirror-from and the region's own (or none) to --js-domain", o.MirrorFrom)
 	}
 	if o.TokenCacheTime < time.Second {
 		add("--token-cache-time %s: must be at least 1s; give keystonemiddleware's token_cache_time (default 300s)", o.TokenCacheTime)

@@ -76,7 +76,7 @@ func (a *Agent) watchPoller(ctx context.Context) {
 
 // followLease watches the lease key; it returns when the watch ends.
 func (a *Agent) followLease(ctx context.Context) error {
-	kv, err := a.js.KeyValue(ctx, a.o.PollerBucket)
+	kv, err := a.central.KeyValue(ctx, a.o.PollerBucket)
 	if err != nil {
 		return err
 	}

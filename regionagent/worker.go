@@ -176,6 +176,7 @@ func (w *worker) firstPass(now time.Time) {
 			a.finish(it)
 		}
 	}
+	a.sendReceipt(batch, res, end)
 	for _, it := range batch {
 		if it.first && !it.gap {
 			if !it.ev.Time.IsZero() {

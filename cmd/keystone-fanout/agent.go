@@ -52,6 +52,7 @@ func (f *agentFlags) registerAgent(s *config.Set) {
 	s.String(&a.CheckpointBucket, "checkpoint-bucket", regionagent.DefaultCheckpointBucket, "JetStream key-value bucket recording each region's position, to detect purged events")
 	s.Bool(&a.NoCheckpoint, "no-checkpoint", false, "do not record the region's position (events purged while the agent is stopped go unnoticed)")
 	s.String(&a.JetStreamDomain, "js-domain", "", "JetStream domain of the stream, when reached through a leaf node")
+	s.String(&a.MirrorFrom, "mirror-from", "", "JetStream domain of the central stream: keep a mirror of it in the region's domain (--js-domain) and consume the mirror")
 	s.Duration(&a.ResolveWait, "resolve-wait", regionagent.DefaultResolveWait, "how long a CADF group membership notification waits for the revocation poller's events before it removes every token entry (0: the default)")
 	s.String(&a.PollerBucket, "poller-bucket", regionagent.DefaultPollerBucket, "key-value bucket of the revocation poller's lease (the bridge's --keystone-url poller)")
 }

@@ -57,6 +57,10 @@ Prints the stream and every region: its agent's consumer (how many events the re
 has still to handle, and how old the oldest is), its checkpoint, and whether it missed
 events the stream no longer holds.
 
+The NATS connection is found as the nats command finds it: a --nats-* flag (or its
+KEYSTONE_FANOUT_* variable), else NATS_URL and the selected nats CLI context
+(NATS_CONTEXT, or ~/.config/nats/context.txt), else the defaults.
+
 With --check it is a monitoring check: a first line "KEYSTONE-FANOUT STATE - ..." with
 performance data, and the exit status of a Nagios plugin:
   0 OK        every region has acknowledged every event older than --warn-lag
@@ -76,7 +80,8 @@ type statusFlags struct {
 }
 
 func (f *statusFlags) register(s *config.Set) {
-	registerNATS(s, &f.o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+	registerNATS(s, &f.o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated (default: NATS_URL, then the nats CLI's context)")
+	s.String(&f.o.JetStreamDomain, "js-domain", "", "JetStream domain of the stream, when reached through a leaf node (default: the nats CLI context's)")
 	s.String(&f.o.Stream, "stream", stream.DefaultName, "JetStream stream carrying the events")
 	s.String(&f.o.CheckpointBucket, "checkpoint-bucket", regionagent.DefaultCheckpointBucket, "the agents' --checkpoint-bucket")
 	s.Bool(&f.o.JSON, "json", false, "print JSON")
@@ -94,6 +99,9 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer, get
 	err := s.Parse(args, getenv)
 	if errors.Is(err, flag.ErrHelp) {
 		return err
+	}
+	if err == nil {
+		_, err = natsCLIDefaults(s, getenv)
 	}
 	if err == nil {
 		err = f.o.NATS.Validate()
@@ -164,16 +172,21 @@ const sweepUsage = `Usage: keystone-fanout sweep --reason TEXT [flags]
 
 Publishes one event that makes every region agent remove every token entry of its
 region, once. For changes that Keystone announces nowhere, such as an identity
-provider deleted or disabled.`
+provider deleted or disabled. The NATS connection is found as for status: flags,
+KEYSTONE_FANOUT_* variables, NATS_URL and the selected nats CLI context, defaults.`
 
 func runSweep(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	var o app.SweepOptions
 	s := config.New("sweep", sweepUsage, stderr)
-	registerNATS(s, &o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+	registerNATS(s, &o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated (default: NATS_URL, then the nats CLI's context)")
+	s.String(&o.JetStreamDomain, "js-domain", "", "JetStream domain of the stream, when reached through a leaf node (default: the nats CLI context's)")
 	s.String(&o.SubjectPrefix, "subject-prefix", stream.DefaultSubjectPrefix, "first token of the stream's subjects")
 	s.String(&o.Reason, "reason", "", "why every region should drop its cached tokens (logged by every agent)")
 	if err := s.Parse(args, getenv); err != nil {
 		return parseErr(err)
+	}
+	if _, err := natsCLIDefaults(s, getenv); err != nil {
+		return usageError{err}
 	}
 	if err := o.NATS.Validate(); err != nil {
 		return usageError{err}
@@ -186,4 +199,48 @@ func runSweep(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 		return err
 	}
 	return app.RunSweep(ctx, o, stdout, log)
+}
+
+const traceUsage = `Usage: keystone-fanout trace <message id | user id> [flags]
+
+Shows, region by region, when a change took effect: each region's agent publishes a
+receipt after every invalidation, naming the events it removed the cache entries of
+and when they were gone. Prints every event whose message id (oslo's message_id, the
+stream's Nats-Msg-Id) or user id is the one given, and the regions that have not
+confirmed it yet (every region with a consumer on the stream, or --expect-regions).
+Exit status: 0 every region confirmed every such event, 1 some region has not (or
+no receipt names it), 2 bad flags. The NATS connection is found as for status.`
+
+func runTrace(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	var o app.TraceOptions
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		o.Query, args = args[0], args[1:]
+	}
+	s := config.New("trace", traceUsage, stderr)
+	registerNATS(s, &o.NATS, "nats://127.0.0.1:4222", "NATS server URL(s), comma-separated (default: NATS_URL, then the nats CLI's context)")
+	s.String(&o.JetStreamDomain, "js-domain", "", "JetStream domain of the streams, when reached through a leaf node (default: the nats CLI context's)")
+	s.String(&o.Stream, "stream", stream.DefaultName, "JetStream stream carrying the events (its consumers name the regions)")
+	s.List(&o.Regions, "expect-regions", nil, "regions that must confirm (default: every region with a consumer or a receipt)")
+	s.Bool(&o.JSON, "json", false, "print JSON")
+	if err := s.Parse(args, getenv); err != nil {
+		return parseErr(err)
+	}
+	if o.Query == "" {
+		return usageError{errors.New("give a message id or a user id first: keystone-fanout trace <id> [flags]")}
+	}
+	if _, err := natsCLIDefaults(s, getenv); err != nil {
+		return usageError{err}
+	}
+	if err := o.NATS.Validate(); err != nil {
+		return usageError{err}
+	}
+	log, err := newLogger(stderr, "text", "warn")
+	if err != nil {
+		return err
+	}
+	err = app.RunTrace(ctx, o, stdout, log)
+	if errors.Is(err, app.ErrNotConfirmed) {
+		return exitStatus(1) // printed
+	}
+	return err
 }

@@ -108,7 +108,7 @@ func runDoctor(ctx context.Context, args []string, stdout, stderr io.Writer, get
 			bucket = ""
 		}
 		rep = doctor.Agent(ctx, doctor.AgentOptions{
-			Region: a.Region, Stream: a.Stream, JetStreamDomain: a.JetStreamDomain, CheckpointBucket: bucket,
+			Region: a.Region, Stream: a.Stream, JetStreamDomain: a.JetStreamDomain, MirrorFrom: a.MirrorFrom, CheckpointBucket: bucket,
 			NATS: f.o.NATS, Memcache: f.o.Memcache, Strategy: f.o.Invalidation.Strategy,
 			SecurityStrategy: f.oslo.strategy, Notes: f.oslo.noteTexts(), Sample: d.sample, Timeout: d.timeout,
 		})

@@ -1,7 +1,8 @@
 // Command keystone-fanout makes OpenStack token revocation take effect in every
 // region: `bridge` carries Keystone's notifications from RabbitMQ to NATS
 // JetStream, `agent` removes the affected keystonemiddleware cache entries in
-// one region, `status` shows where every region is.
+// one region, `status` shows where every region is, `trace` when a change took
+// effect in each region.
 //
 // This file only reads flags and signals; internal/app runs the components.
 package main
@@ -32,6 +33,7 @@ Commands:
   all-in-one  the embedded NATS server, the bridge and one agent in one process
   status      the stream and every region's position in it
   sweep       make every region remove every token entry once (changes Keystone does not announce)
+  trace       when a change (message id or user id) took effect in each region, and where not yet
   doctor      check a bridge's or an agent's deployment before it goes live, with fixes
   version     print the version
 
@@ -50,6 +52,7 @@ var commands = map[string]command{
 	"all-in-one": runAllInOne,
 	"status":     runStatus,
 	"sweep":      runSweep,
+	"trace":      runTrace,
 	"doctor":     runDoctor,
 }
 

@@ -20,7 +20,7 @@ const referenceFile = "../../docs/CONFIGURATION.md"
 
 // referenceOrder is the order of the commands in docs/CONFIGURATION.md;
 // commands not named here follow in name order.
-var referenceOrder = []string{"bridge", "agent", "all-in-one", "status", "sweep"}
+var referenceOrder = []string{"bridge", "agent", "all-in-one", "status", "sweep", "trace"}
 
 // renderReference renders every command's flags, as --help would list them,
 // as Markdown.

@@ -1,5 +1,6 @@
-// Package nats holds the shipped NATS server configuration (central.conf) and
-// the test that proves it: each keystone-fanout component works with exactly
+// Package nats holds the shipped NATS server configurations (central.conf,
+// leaf-region.conf) and the tests that prove them (leaf_test.go for regions
+// behind leaf nodes): each keystone-fanout component works with exactly
 // its permissions, and a region's credentials can neither read nor reset
 // another region's consumer or checkpoint, nor publish an event.
 package nats
@@ -39,28 +40,44 @@ var passwords = map[string]string{
 // startCentral starts an embedded server from central.conf as shipped, on a
 // free loopback port with its storage in a temporary directory.
 func startCentral(t *testing.T) string {
+	return startCentralServer(t).ClientURL()
+}
+
+// startCentralServer is startCentral returning the server.
+func startCentralServer(t *testing.T) *server.Server {
 	t.Helper()
 	for user, pw := range passwords {
 		t.Setenv("KSF_"+strings.ToUpper(user)+"_PASSWORD", pw)
 	}
-	opts, err := server.ProcessConfigFile("central.conf")
+	return startConf(t, "central.conf", func(opts *server.Options) {
+		opts.LeafNode.Host, opts.LeafNode.Port = "127.0.0.1", -1
+	})
+}
+
+// startConf starts an embedded server from file, on a free loopback port with
+// its storage in a temporary directory; adjust changes the options first.
+func startConf(t *testing.T, file string, adjust func(*server.Options)) *server.Server {
+	t.Helper()
+	opts, err := server.ProcessConfigFile(file)
 	if err != nil {
-		t.Fatalf("central.conf: %v", err)
+		t.Fatalf("%s: %v", file, err)
 	}
 	opts.Host, opts.Port = "127.0.0.1", -1
-	opts.LeafNode.Host, opts.LeafNode.Port = "127.0.0.1", -1
 	opts.StoreDir = t.TempDir()
 	opts.NoLog, opts.NoSigs = true, true
+	if adjust != nil {
+		adjust(opts)
+	}
 	srv, err := server.NewServer(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	go srv.Start()
 	if !srv.ReadyForConnections(10 * time.Second) {
-		t.Fatal("the server did not start")
+		t.Fatalf("the server of %s did not start", file)
 	}
 	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
-	return srv.ClientURL()
+	return srv
 }
 
 // natsOptions are a component's connection options as the user.
@@ -130,17 +147,27 @@ func (c *countingInvalidator) seen(id string) bool {
 func runAgent(t *testing.T, url, user, region string) (*regionagent.Agent, *countingInvalidator, *prometheus.Registry) {
 	t.Helper()
 	nc, _ := connect(t, url, user)
-	inv := &countingInvalidator{ids: map[string]bool{}}
-	reg := prometheus.NewRegistry()
-	a, err := regionagent.New(regionagent.Options{Region: region, RetryMax: time.Second}, nc, inv, reg, testLog(t).With("region", region))
+	a, inv, reg, _ := startAgent(t, nc, regionagent.Options{Region: region, RetryMax: time.Second})
+	return a, inv, reg
+}
+
+// startAgent runs a region agent with o on nc until the test ends or stop is
+// called.
+func startAgent(t *testing.T, nc *natsgo.Conn, o regionagent.Options) (a *regionagent.Agent, inv *countingInvalidator, reg *prometheus.Registry, stop func()) {
+	t.Helper()
+	inv = &countingInvalidator{ids: map[string]bool{}}
+	reg = prometheus.NewRegistry()
+	a, err := regionagent.New(o, nc, inv, reg, testLog(t).With("region", o.Region))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return a, inv, reg
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(stop)
+	return a, inv, reg, stop
 }
 
 // TestLeastPrivilege starts the server from central.conf and runs every
@@ -153,6 +180,9 @@ func TestLeastPrivilege(t *testing.T) {
 	_, bjs := connect(t, url, "bridge")
 	if err := stream.Ensure(ctx, bjs, stream.Default()); err != nil {
 		t.Fatalf("the bridge ensuring the stream: %v", err)
+	}
+	if err := stream.EnsureReceipts(ctx, bjs, stream.Default()); err != nil {
+		t.Fatalf("the bridge ensuring the receipts stream: %v", err)
 	}
 	pollerReg := prometheus.NewRegistry()
 	p, err := revoke.New(revoke.Options{URL: fakeKeystone(t), Username: "svc", Password: "pw", Project: "service"},
@@ -204,6 +234,11 @@ func TestLeastPrivilege(t *testing.T) {
 	if err := app.RunSweep(ctx, app.SweepOptions{NATS: natsOptions(url, "operator"), Reason: "test"}, io.Discard, testLog(t)); err != nil {
 		t.Fatalf("sweep as the operator: %v", err)
 	}
+	testutil.Eventually(t, 20*time.Second, "trace as the operator: both regions confirmed the event", func() (bool, string) {
+		out.Reset()
+		err := app.RunTrace(ctx, app.TraceOptions{NATS: natsOptions(url, "operator"), Query: "n-1"}, &out, testLog(t))
+		return err == nil && strings.Contains(out.String(), "confirmed by 2 of 2 regions"), fmt.Sprintf("%v %s", err, out.String())
+	})
 
 	// What regionTwo's credentials must not do.
 	nc2, js2 := connect(t, url, "regionTwo")
@@ -248,6 +283,12 @@ func TestLeastPrivilege(t *testing.T) {
 				return err
 			}
 			_, err = kv.Get(c, "regionThree")
+			return err
+		}},
+		{"publish regionThree's receipt", func() error {
+			c, cancel := short()
+			defer cancel()
+			_, err := js2.Publish(c, stream.ReceiptSubject("regionThree"), []byte(`{"v":1,"region":"regionThree"}`))
 			return err
 		}},
 		{"write the poller's lease", func() error {

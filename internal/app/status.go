@@ -21,8 +21,11 @@ import (
 
 // StatusOptions configures `keystone-fanout status`.
 type StatusOptions struct {
-	NATS   natsconn.Options
-	Stream string // default stream.DefaultName
+	NATS natsconn.Options
+	// JetStreamDomain (--js-domain) is the stream's JetStream domain, when
+	// reached through a leaf node; empty: the server's own.
+	JetStreamDomain string
+	Stream          string // default stream.DefaultName
 	// CheckpointBucket is the agents' --checkpoint-bucket (default
 	// keystone-fanout-agents); a missing bucket shows as no checkpoints.
 	CheckpointBucket string
@@ -156,6 +159,11 @@ type RegionStatus struct {
 	// removes every token entry when it binds. GapReason says which.
 	Gap       bool   `json:"gap"`
 	GapReason string `json:"gap_reason,omitempty"`
+	// Mirror is set when the consumer is the region's regional mirror's
+	// source (stream.MirrorConsumerName, agent --mirror-from): its position is
+	// the mirror's, and MirrorBound says whether the region's leaf follows it.
+	Mirror      bool `json:"mirror,omitempty"`
+	MirrorBound bool `json:"mirror_bound,omitempty"`
 }
 
 // CheckResult is the verdict of --check: the worst state of its problems.
@@ -181,7 +189,7 @@ func RunStatus(ctx context.Context, o StatusOptions, w io.Writer, log *slog.Logg
 	if o.CheckpointBucket == "" {
 		o.CheckpointBucket = regionagent.DefaultCheckpointBucket
 	}
-	js, closeNATS, err := oneShotJetStream(ctx, o.NATS, "keystone-fanout-status", log)
+	js, closeNATS, err := oneShotJetStream(ctx, o.NATS, o.JetStreamDomain, "keystone-fanout-status", log)
 	if err != nil {
 		return err
 	}
@@ -203,7 +211,7 @@ func RunStatus(ctx context.Context, o StatusOptions, w io.Writer, log *slog.Logg
 		return err
 	}
 	if o.Check != nil {
-		if len(st.Consumers) > 0 && slices.ContainsFunc(st.Consumers, func(r RegionStatus) bool { return r.Consumer && r.Waiting == 0 && r.AckPending == 0 }) {
+		if len(st.Consumers) > 0 && slices.ContainsFunc(st.Consumers, func(r RegionStatus) bool { return r.Consumer && !r.Mirror && r.Waiting == 0 && r.AckPending == 0 }) {
 			// A pull request is re-issued as it expires: read once more
 			// before calling a region's agent away.
 			time.Sleep(time.Second)
@@ -250,6 +258,12 @@ func printStatus(w io.Writer, st *Status) error {
 				agent = "busy or away"
 				if c.AckPending == 0 {
 					agent = "away"
+				}
+			}
+			if c.Mirror {
+				agent = "mirror"
+				if !c.MirrorBound {
+					agent = "mirror away"
 				}
 			}
 			pending, ackPending, floor = fmt.Sprint(c.Pending), fmt.Sprint(c.AckPending), fmt.Sprint(c.AckFloor)
@@ -314,6 +328,14 @@ func readStatus(ctx context.Context, js jetstream.JetStream, stream, bucket stri
 			Redelivered: ci.NumRedelivered, AckFloor: ci.AckFloor.Stream, LastActive: ci.AckFloor.Last,
 			Waiting: ci.NumWaiting,
 		}
+		if region, ok := strings.CutSuffix(ci.Name, "_mirror"); ok && ci.Config.DeliverSubject == mirrorDeliverSubject(region) {
+			// A regional mirror's source consumer names its region, unless
+			// the region has its own consumer here too.
+			r.Mirror, r.MirrorBound = true, ci.PushBound
+			if _, taken := regions[region]; !taken {
+				r.Name = region
+			}
+		}
 		if info.State.FirstSeq > 1 && ci.AckFloor.Stream+1 < info.State.FirstSeq {
 			r.Gap, r.GapReason = true, "the stream no longer holds events after the consumer's ack floor"
 		}
@@ -324,7 +346,11 @@ func readStatus(ctx context.Context, js jetstream.JetStream, stream, bucket stri
 			}
 			r.Lag = lag
 		}
-		regions[ci.Name] = r
+		if prev, taken := regions[r.Name]; taken && prev.Mirror {
+			prev.Name = prev.Name + "_mirror" // the region's own consumer takes its name
+			regions[prev.Name] = prev
+		}
+		regions[r.Name] = r
 	}
 	if err := consumers.Err(); err != nil {
 		return nil, fmt.Errorf("listing consumers of %q: %w", stream, err)
@@ -405,7 +431,11 @@ func judge(st *Status, c CheckOptions) *CheckResult {
 		if r.Gap {
 			add(r.Name, CheckCritical, "gap: %s; its agent removes every token entry when it binds", r.GapReason)
 		}
-		if r.Consumer && r.Waiting == 0 && r.AckPending == 0 {
+		switch {
+		case r.Mirror && !r.MirrorBound:
+			add(r.Name, CheckWarning, "regional mirror not following: no leaf node reads its consumer (link down, or the mirror was deleted)")
+		case r.Mirror:
+		case r.Consumer && r.Waiting == 0 && r.AckPending == 0:
 			add(r.Name, CheckWarning, "no agent attached: the consumer has no pull request waiting and nothing delivered")
 		}
 	}
@@ -449,16 +479,25 @@ func verdictLine(st *Status, c CheckOptions) string {
 
 // oneShotJetStream connects for a short command (status, sweep): the first
 // connection is bounded by 5 s instead of a daemon's patience.
-func oneShotJetStream(ctx context.Context, o natsconn.Options, name string, log *slog.Logger) (jetstream.JetStream, func(), error) {
+func oneShotJetStream(ctx context.Context, o natsconn.Options, domain, name string, log *slog.Logger) (jetstream.JetStream, func(), error) {
 	o.ConnectTimeout = 5 * time.Second
 	nc, err := natsconn.Connect(ctx, o, name, log, nil)
 	if err != nil {
 		return nil, nil, err
 	}
-	js, err := jetstream.New(nc)
+	var js jetstream.JetStream
+	if domain != "" {
+		js, err = jetstream.NewWithDomain(nc, domain)
+	} else {
+		js, err = jetstream.New(nc)
+	}
 	if err != nil {
 		nc.Close()
 		return nil, nil, err
 	}
 	return js, nc.Close, nil
 }
+
+// mirrorDeliverSubject is stream.MirrorDeliverSubject, for readStatus whose
+// parameter hides the package.
+var mirrorDeliverSubject = stream.MirrorDeliverSubject

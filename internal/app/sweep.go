@@ -19,8 +19,11 @@ import (
 
 // SweepOptions configures `keystone-fanout sweep`.
 type SweepOptions struct {
-	NATS          natsconn.Options
-	SubjectPrefix string // default stream.DefaultSubjectPrefix
+	NATS natsconn.Options
+	// JetStreamDomain (--js-domain) is the stream's JetStream domain, when
+	// reached through a leaf node; empty: the server's own.
+	JetStreamDomain string
+	SubjectPrefix   string // default stream.DefaultSubjectPrefix
 	// Reason is recorded in the event and in every agent's log.
 	Reason string
 }
@@ -39,7 +42,7 @@ func RunSweep(ctx context.Context, o SweepOptions, w io.Writer, log *slog.Logger
 	if o.Reason == "" {
 		return fmt.Errorf("--reason is required: say why every region should drop its cached tokens (it is logged by every agent)")
 	}
-	js, closeNATS, err := oneShotJetStream(ctx, o.NATS, "keystone-fanout-sweep", log)
+	js, closeNATS, err := oneShotJetStream(ctx, o.NATS, o.JetStreamDomain, "keystone-fanout-sweep", log)
 	if err != nil {
 		return err
 	}

@@ -47,6 +47,9 @@ type AgentOptions struct {
 	Region          string
 	Stream          string
 	JetStreamDomain string
+	// MirrorFrom is --mirror-from: the stream checked is then the regional
+	// mirror, which the agent creates at its first start.
+	MirrorFrom string
 	// CheckpointBucket is the key-value bucket of the region's position;
 	// empty with --no-checkpoint.
 	CheckpointBucket string
@@ -116,7 +119,11 @@ func Agent(ctx context.Context, o AgentOptions) *Report {
 	notes(o.Notes, r)
 	if s := connectNATS(ctx, o.NATS, o.JetStreamDomain, o.timeout(), r); s != nil {
 		sent := time.Now()
-		si := s.checkStream(ctx, o.Stream, "", true, r)
+		if o.MirrorFrom != "" {
+			r.add(Finding{Check: "nats.mirror", Level: LevelInfo, Summary: "the stream checked is the regional mirror (--mirror-from " + o.MirrorFrom +
+				"): the agent creates it and its source consumer on the central stream at its first start; the central side's permissions for them are checked then (/readyz)"})
+		}
+		si := s.checkStream(ctx, o.Stream, "", o.MirrorFrom == "", r)
 		clockNATS(si, sent, r)
 		ops := []op{{name: "look up the stream", subject: s.api + "STREAM.INFO." + o.Stream, try: s.request(s.api+"STREAM.INFO."+o.Stream, nil)}}
 		more, untested := s.consumerOps(ctx, o.Stream, o.Region)

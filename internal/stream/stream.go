@@ -4,7 +4,8 @@
 // each event, and the names of the agents' consumers and checkpoints.
 //
 // Only the bridge creates or updates the stream (Ensure); the agents, the
-// poller and the commands use it as they find it.
+// poller and the commands use it as they find it. A region agent may create
+// its own regional mirror of it (EnsureMirror).
 package stream
 
 import (
@@ -224,6 +225,86 @@ func Ensure(ctx context.Context, js jetstream.JetStream, c Config) error {
 	if _, err := js.UpdateStream(ctx, upd); err != nil {
 		return fmt.Errorf("updating JetStream stream %s (subjects %v, max age %s, replicas %d, duplicate window %s): %w",
 			c.Name, upd.Subjects, upd.MaxAge, upd.Replicas, upd.Duplicates, err)
+	}
+	return nil
+}
+
+// MirrorConsumerName is the durable consumer on the central stream that a
+// region's mirror (EnsureMirror) reads through: "<region>_mirror".
+func MirrorConsumerName(region string) string { return region + "_mirror" }
+
+// MirrorDeliverSubject is the subject MirrorConsumerName(region) delivers to:
+// "keystone-fanout.mirror.<region>", outside the stream's subjects, so that
+// each region may subscribe to its own mirror's feed only.
+func MirrorDeliverSubject(region string) string { return "keystone-fanout.mirror." + region }
+
+// MirrorAPIPrefix is the JetStream API prefix of a domain, as a mirror in
+// another domain reaches it: "$JS.<domain>.API".
+func MirrorAPIPrefix(domain string) string { return "$JS." + domain + ".API" }
+
+// ErrNotMirror is EnsureMirror's error when the region's domain holds a
+// stream of the name that is not the mirror it would create: consuming it
+// could miss events, so the agent does not.
+var ErrNotMirror = errors.New("not the regional mirror keystone-fanout creates")
+
+// EnsureMirror makes region's regional mirror of the stream name exist: on
+// central (the JetStream of the central stream, reached in its domain
+// fromDomain) the durable push consumer MirrorConsumerName(region), which
+// acknowledges by flow control so that the central server keeps the mirror's
+// position; on local (the region's own JetStream domain) the stream name,
+// mirroring the central one through that consumer, with the central stream's
+// max age. An existing mirror is kept as it is; a stream of that name that is
+// no such mirror is ErrNotMirror, found without the central side. It needs
+// NATS server 2.14 or later on both sides (durable sourcing) and fails when
+// the central stream does not exist yet.
+func EnsureMirror(ctx context.Context, central, local jetstream.JetStream, name, region, fromDomain string) error {
+	cname, deliver := MirrorConsumerName(region), MirrorDeliverSubject(region)
+	s, err := local.Stream(ctx, name)
+	exists := err == nil
+	switch {
+	case exists:
+		m := s.CachedInfo().Config.Mirror
+		if m == nil || m.Name != name || m.Consumer == nil || m.Consumer.Name != cname ||
+			m.External == nil || m.External.APIPrefix != MirrorAPIPrefix(fromDomain) {
+			return fmt.Errorf("JetStream stream %s in the region's domain: %w (of %s in domain %s through consumer %s): "+
+				"delete it (nats stream rm %s) and the agent creates it", name, ErrNotMirror, name, fromDomain, cname, name)
+		}
+	case !errors.Is(err, jetstream.ErrStreamNotFound):
+		return fmt.Errorf("regional mirror %s: %w", name, err)
+	}
+	origin, err := central.Stream(ctx, name)
+	if err != nil {
+		return fmt.Errorf("central JetStream stream %s (domain %s): %w", name, fromDomain, err)
+	}
+	if _, err := central.CreateOrUpdatePushConsumer(ctx, name, jetstream.ConsumerConfig{
+		Durable:        cname,
+		Description:    "keystone-fanout regional mirror of " + region,
+		DeliverSubject: deliver,
+		DeliverPolicy:  jetstream.DeliverAllPolicy,
+		AckPolicy:      jetstream.AckFlowControlPolicy,
+		FlowControl:    true,
+		IdleHeartbeat:  5 * time.Second,
+	}); err != nil {
+		return fmt.Errorf("mirror consumer %s on the central stream %s (domain %s): %w", cname, name, fromDomain, err)
+	}
+	if exists {
+		return nil
+	}
+	_, err = local.CreateStream(ctx, jetstream.StreamConfig{
+		Name:        name,
+		Description: "keystone-fanout regional mirror of the central stream " + name,
+		Storage:     jetstream.FileStorage,
+		Retention:   jetstream.LimitsPolicy,
+		Discard:     jetstream.DiscardOld,
+		MaxAge:      origin.CachedInfo().Config.MaxAge,
+		Mirror: &jetstream.StreamSource{
+			Name:     name,
+			External: &jetstream.ExternalStream{APIPrefix: MirrorAPIPrefix(fromDomain)},
+			Consumer: &jetstream.StreamConsumerSource{Name: cname, DeliverSubject: deliver},
+		},
+	})
+	if err != nil && !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+		return fmt.Errorf("creating the regional mirror %s: %w", name, err)
 	}
 	return nil
 }
