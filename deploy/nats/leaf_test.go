@@ -117,7 +117,7 @@ func TestLeafCentralConsumer(t *testing.T) {
 		return inv2.seen("n-leaf-1") && inv3.seen("n-leaf-1"), fmt.Sprintf("regionTwo %v, regionThree %v", inv2.seen("n-leaf-1"), inv3.seen("n-leaf-1"))
 	})
 	testutil.Eventually(t, 20*time.Second, "regionTwo, through its leaf, following the poller's lease", func() (bool, string) {
-		return gauge(reg2, "keystone_fanout_agent_revocation_poller_live") == 1, "not yet"
+		return testutil.Metric(reg2, "keystone_fanout_agent_revocation_poller_live") == 1, "not yet"
 	})
 	// The checkpoint is written on the central side, as the operator sees it.
 	_, ojs := connect(t, url, "operator")
@@ -130,7 +130,7 @@ func TestLeafCentralConsumer(t *testing.T) {
 		if err != nil {
 			return false, err.Error()
 		}
-		return gauge(reg2, "keystone_fanout_agent_checkpoint_errors_total") == 0, string(e.Value())
+		return testutil.Metric(reg2, "keystone_fanout_agent_checkpoint_errors_total") == 0, string(e.Value())
 	})
 
 	// Its receipts reach the central side through the leaf.
