@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -38,6 +39,9 @@ type Options struct {
 	TLS bool
 	// Args are extra memcached arguments.
 	Args []string
+	// Env are extra environment variables ("NAME=value") of the process,
+	// for example SASL_CONF_PATH for a server started with -S.
+	Env []string
 }
 
 // Server is one memcached process.
@@ -49,6 +53,7 @@ type Server struct {
 
 	t      testing.TB
 	args   []string
+	env    []string
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	done   chan struct{}
@@ -74,7 +79,7 @@ func StartWith(t testing.TB, n int, o Options) []*Server {
 	}
 	out := make([]*Server, 0, n)
 	for range n {
-		s := &Server{t: t, CAFile: caFile}
+		s := &Server{t: t, CAFile: caFile, env: o.Env}
 		var lastErr error
 		for attempt := 0; attempt < 5; attempt++ {
 			port, err := freePort()
@@ -134,6 +139,9 @@ func (s *Server) start() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	cmd := exec.Command(Binary, s.args...)
+	if len(s.env) > 0 {
+		cmd.Env = append(os.Environ(), s.env...)
+	}
 	var stderr bytes.Buffer
 	cmd.Stdout = &stderr
 	cmd.Stderr = &stderr
@@ -149,7 +157,7 @@ func (s *Server) start() error {
 			return fmt.Errorf("memcached %v exited: %s", s.args, strings.TrimSpace(stderr.String()))
 		default:
 		}
-		if ping(s.Addr, s.CAFile != "") == nil {
+		if ping(s.Addr, s.CAFile != "" || slices.Contains(s.args, "-S") || slices.Contains(s.args, "-B")) == nil {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -163,14 +171,15 @@ func (s *Server) start() error {
 	return nil
 }
 
-// ping connects and runs "version" (for TLS servers only a TCP connect).
-func ping(addr string, tlsOn bool) error {
+// ping connects and runs "version" (for TLS, SASL and binary-only servers
+// only a TCP connect).
+func ping(addr string, connectOnly bool) error {
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if tlsOn {
+	if connectOnly {
 		return nil
 	}
 	c.SetDeadline(time.Now().Add(time.Second))
