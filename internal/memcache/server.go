@@ -113,7 +113,7 @@ func (s *Server) Get(ctx context.Context, keys []string, fn func(Item) error) er
 			return &ServerError{Server: s.addr.Spec, Op: "get", Err: err}
 		}
 		var items map[string]*gomemcache.Item
-		err := once(func() (err error) {
+		err := s.once(func() (err error) {
 			items, err = s.mc.GetMulti(keys[start:min(start+getBatch, len(keys))])
 			return err
 		})
@@ -191,7 +191,7 @@ func (s *Server) Delete(ctx context.Context, keys []string) ([]bool, error) {
 	}
 	found := make([]bool, len(keys))
 	err := s.each(ctx, "delete", len(keys), func(i int) error {
-		switch err := once(func() error { return s.mc.Delete(keys[i]) }); {
+		switch err := s.once(func() error { return s.mc.Delete(keys[i]) }); {
 		case err == nil:
 			found[i] = true
 		case errors.Is(err, gomemcache.ErrCacheMiss):
@@ -219,17 +219,19 @@ func (s *Server) Set(ctx context.Context, items []Item, ttl time.Duration) error
 	}
 	return s.each(ctx, "set", len(items), func(i int) error {
 		it := &gomemcache.Item{Key: items[i].Key, Value: items[i].Value, Flags: items[i].Flags, Expiration: int32(exp)}
-		return once(func() error { return s.mc.Set(it) })
+		return s.once(func() error { return s.mc.Set(it) })
 	})
 }
 
-// once runs a gomemcache operation and runs it again when it failed on a
-// connection the server had closed: gomemcache reuses idle connections
-// without checking them, and one that a restarted server closed fails its
-// first command. Every operation used here is idempotent.
-func once(op func() error) error {
+// once runs a gomemcache operation and, when it failed on a connection the
+// server had closed, closes the other idle connections (likely closed too:
+// a restarted server) and runs it again on a new one. gomemcache reuses
+// idle connections without checking them. Every operation used here is
+// idempotent.
+func (s *Server) once(op func() error) error {
 	err := op()
 	if err != nil && isBrokenConn(err) {
+		s.mc.Close() // the client stays usable
 		err = op()
 	}
 	return err
@@ -259,7 +261,7 @@ func (s *Server) FlushAll(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return &ServerError{Server: s.addr.Spec, Op: "flush_all", Err: err}
 	}
-	if err := once(s.mc.FlushAll); err != nil {
+	if err := s.once(s.mc.FlushAll); err != nil {
 		return s.keyError("flush_all", err)
 	}
 	return nil
@@ -270,7 +272,7 @@ func (s *Server) Ping(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return &ServerError{Server: s.addr.Spec, Op: "version", Err: err}
 	}
-	if err := once(s.mc.Ping); err != nil {
+	if err := s.once(s.mc.Ping); err != nil {
 		return s.keyError("version", err)
 	}
 	return nil

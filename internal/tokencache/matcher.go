@@ -10,9 +10,12 @@ import (
 // once per batch from the events' predicates (compile), with the clause ids
 // hashed like the entries' fields, and indexed by (field, hash) so that the
 // cost per entry does not grow with the number of events. It is read-only
-// once built and shared by the servers' workers.
+// once built and shared by the servers' crawls and by the live path, which
+// finds the entries to look at through the index's columns (candidates).
 type matcher struct {
 	events []event.Event
+	// wide: strategy Sweep, every event removes every token.
+	wide bool
 	// all is the first event that removes every token, -1 if none.
 	all int32
 
@@ -57,8 +60,10 @@ func minEvent(a, b int32) int32 {
 	return a
 }
 
-func newMatcher(events []event.Event) *matcher {
-	m := &matcher{events: events, all: -1, orKeys: map[uint64]int32{}, orRole: -1, orAudit: -1,
+// newMatcher compiles events. With wide (strategy Sweep) every event that
+// is not the poller's progress removes every token.
+func newMatcher(events []event.Event, wide bool) *matcher {
+	m := &matcher{events: events, wide: wide, all: -1, orKeys: map[uint64]int32{}, orRole: -1, orAudit: -1,
 		revs: map[int32]*hpred{}, revKeys: map[uint64][]int32{}}
 	for f := range m.orPresent {
 		m.orPresent[f] = -1
@@ -66,6 +71,9 @@ func newMatcher(events []event.Event) *matcher {
 	for i := range events {
 		idx := int32(i)
 		p := compile(&events[i])
+		if wide && events[i].Kind != event.KindPolled {
+			p = predicate{all: true}
+		}
 		switch {
 		case p.all:
 			m.all = minEvent(m.all, idx)
@@ -132,6 +140,8 @@ func newMatcher(events []event.Event) *matcher {
 func (m *matcher) reason(i int32) string {
 	e := &m.events[i]
 	switch {
+	case m.wide:
+		return "sweep"
 	case e.Unbounded():
 		return "unbounded"
 	case e.Kind == event.KindRevocation:
@@ -150,11 +160,11 @@ func entryKeys(ix *serverIndex, en *entry, buf []uint64) []uint64 {
 		}
 	}
 	if en.roles != roleSetUnknown {
-		for _, r := range ix.roles.set(en.roles) {
+		for _, r := range ix.roleSets.set(en.roles) {
 			buf = append(buf, key(fRole, r))
 		}
 	}
-	if en.flags&auditUnknown == 0 {
+	if en.meta&auditUnknown == 0 {
 		if en.audit != 0 {
 			buf = append(buf, key(fAudit, en.audit), key(fAuditAny, en.audit))
 		}
@@ -192,7 +202,7 @@ func (m *matcher) match(ix *serverIndex, en *entry, buf []uint64) (int32, []uint
 	} else if m.orPresent[fRole] >= 0 && en.roles != 0 {
 		best = minEvent(best, m.orPresent[fRole])
 	}
-	if en.flags&auditUnknown != 0 {
+	if en.meta&auditUnknown != 0 {
 		best = minEvent(best, m.orAudit)
 	} else if en.audit != 0 {
 		best = minEvent(best, m.orPresent[fAudit])
@@ -223,7 +233,7 @@ func (m *matcher) match(ix *serverIndex, en *entry, buf []uint64) (int32, []uint
 			check(i)
 		}
 	}
-	if en.flags&auditUnknown != 0 {
+	if en.meta&auditUnknown != 0 {
 		for _, i := range m.revAudit {
 			check(i)
 		}
@@ -256,7 +266,7 @@ func (c *hclause) matchEntry(ix *serverIndex, en *entry) bool {
 			if en.roles == roleSetUnknown {
 				return true
 			}
-			set := ix.roles.set(en.roles)
+			set := ix.roleSets.set(en.roles)
 			if c.h == 0 && len(set) > 0 {
 				return true
 			}
@@ -264,7 +274,7 @@ func (c *hclause) matchEntry(ix *serverIndex, en *entry) bool {
 				return true
 			}
 		case fAudit, fAuditAny:
-			if en.flags&auditUnknown != 0 {
+			if en.meta&auditUnknown != 0 {
 				return true
 			}
 			if c.h == 0 && en.audit != 0 || c.h != 0 && en.audit == c.h {
@@ -281,4 +291,57 @@ func (c *hclause) matchEntry(ix *serverIndex, en *entry) bool {
 		}
 	}
 	return false
+}
+
+// none reports whether m cannot match anything (every event is the poller's
+// progress, or there is none).
+func (m *matcher) none() bool {
+	if m.all >= 0 || len(m.orKeys) > 0 || len(m.revs) > 0 {
+		return false
+	}
+	for _, i := range m.orPresent {
+		if i >= 0 {
+			return false
+		}
+	}
+	return m.orRole < 0 && m.orAudit < 0
+}
+
+// candidates returns the slots of ix that an event of m may concern, found
+// through the index's columns; every slot returned must still be checked
+// with match. all is true when m must look at every entry: an event that
+// removes every token, a presence clause ("every project-scoped token"), a
+// revocation event without an id clause. Entries removed for every event
+// (ix.forEvery) are not included.
+func (m *matcher) candidates(ix *serverIndex) (set slotSet, all bool) {
+	if m.all >= 0 || len(m.revLinear) > 0 {
+		return nil, true
+	}
+	for _, i := range m.orPresent {
+		if i >= 0 {
+			return nil, true
+		}
+	}
+	add := func(slot uint32) { set.add(slot) }
+	for k := range m.orKeys {
+		ix.scan(field(k>>32), uint32(k), add)
+	}
+	for k := range m.revKeys {
+		ix.scan(field(k>>32), uint32(k), add)
+	}
+	if m.orRole >= 0 || len(m.revRole) > 0 {
+		for slot, id := range ix.roles {
+			if id == roleSetUnknown && ix.keys[slot] != (binKey{}) {
+				set.add(uint32(slot))
+			}
+		}
+	}
+	if m.orAudit >= 0 || len(m.revAudit) > 0 {
+		for slot, meta := range ix.meta {
+			if meta&auditUnknown != 0 && ix.keys[slot] != (binKey{}) {
+				set.add(uint32(slot))
+			}
+		}
+	}
+	return set, false
 }
