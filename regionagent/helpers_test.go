@@ -21,6 +21,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 )
 
 const (
@@ -177,11 +178,11 @@ type fakeInvalidator struct {
 	calls  []call
 	fail   func(n int, evs []event.Event) error
 	gate   func(ctx context.Context, n int, evs []event.Event) error
-	result Result
+	result tokencache.Result
 	ping   error
 }
 
-func (f *fakeInvalidator) Invalidate(ctx context.Context, evs []event.Event) (Result, error) {
+func (f *fakeInvalidator) Invalidate(ctx context.Context, evs []event.Event) (tokencache.Result, error) {
 	start := time.Now()
 	f.mu.Lock()
 	n := len(f.calls)
@@ -268,7 +269,7 @@ func testOptions() Options {
 	}
 }
 
-func startAgent(t testing.TB, nc *nats.Conn, o Options, inv Invalidator) *runningAgent {
+func startAgent(t testing.TB, nc *nats.Conn, o Options, inv TokenCache) *runningAgent {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	a, err := New(o, nc, inv, reg, testLogger(t))

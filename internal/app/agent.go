@@ -1,6 +1,7 @@
 package app
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -67,12 +68,18 @@ func agentComponents(o *AgentOptions, nc *nats.Conn, reg prometheus.Registerer, 
 	if err != nil {
 		return nil, nil, fmt.Errorf("--memcached: %w", err)
 	}
-	inv, err := tokencache.NewInvalidator(cluster, o.Invalidation, reg, log.With("component", "invalidator", "region", o.Agent.Region))
+	// The second pass must come after the live index's heartbeat confirmed
+	// the first pass's answer (see regionagent Options.SecondPassDelay).
+	io := o.Invalidation
+	if lag := cmp.Or(io.MaxConfirmLag, tokencache.DefaultMaxConfirmLag); o.Agent.SecondPassDelay > 0 && lag >= o.Agent.SecondPassDelay {
+		io.MaxConfirmLag = o.Agent.SecondPassDelay / 2
+	}
+	inv, err := tokencache.NewInvalidator(cluster, io, reg, log.With("component", "invalidator", "region", o.Agent.Region))
 	if err != nil {
 		cluster.Close()
 		return nil, nil, err
 	}
-	a, err := regionagent.New(o.Agent, nc, regionagent.TokenCache(inv, cluster), reg, log)
+	a, err := regionagent.New(o.Agent, nc, inv, reg, log)
 	if err != nil {
 		cluster.Close()
 		return nil, nil, err

@@ -2,6 +2,7 @@ package tokencache
 
 import (
 	"slices"
+	"time"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 )
@@ -26,12 +27,14 @@ type matcher struct {
 	orRole    int32          // first event with a role clause (entries with unknown roles)
 	orAudit   int32          // first event with an audit clause (entries with unknown audit ids)
 
-	// Revocation events: every clause. Each is found through its first
-	// (most selective) clause.
-	revs      map[int32]*hpred
+	// Predicates with every clause to match and a time condition: the
+	// revocation events, and in a late matcher (see newLateMatcher) every
+	// event. Each is found through its first (most selective) clause; the
+	// slices below hold indexes into preds.
+	preds     []*hpred
 	revKeys   map[uint64][]int32
 	revBloom  uint64
-	revLinear []int32 // revocations without any id clause
+	revLinear []int32 // without an id clause to find them by
 	revRole   []int32 // anchored on a role: for entries with unknown roles
 	revAudit  []int32 // anchored on an audit id: for entries with unknown audit ids
 }
@@ -42,6 +45,7 @@ type hclause struct {
 }
 
 type hpred struct {
+	ev            int32 // the event it comes from
 	and           []hclause
 	hasIssued     bool
 	issuedBefore  int64 // Unix seconds, rounded down
@@ -63,22 +67,77 @@ func minEvent(a, b int32) int32 {
 // newMatcher compiles events. With wide (strategy Sweep) every event that
 // is not the poller's progress removes every token.
 func newMatcher(events []event.Event, wide bool) *matcher {
+	return compileMatcher(events, wide, false)
+}
+
+// issuedSkew is how much later than a notification's time a token may have
+// been issued and still be treated as issued before it: Keystone writes
+// issued_at to the second (rounded down) and its hosts' clocks differ.
+const issuedSkew = 2 * time.Second
+
+// newLateMatcher compiles the events of the recent window for the values
+// read after them (late write-backs). A token issued after a change is
+// validated after it, so its validation cannot be stale: a notification (or
+// an event that removes every token) concerns only the tokens issued before
+// its time plus issuedSkew, as a revocation event concerns only tokens
+// issued before its issued_before. Without its time, an event concerns
+// every token it names.
+func newLateMatcher(events []event.Event, wide bool) *matcher {
+	return compileMatcher(events, wide, true)
+}
+
+func compileMatcher(events []event.Event, wide, late bool) *matcher {
 	m := &matcher{events: events, wide: wide, all: -1, orKeys: map[uint64]int32{}, orRole: -1, orAudit: -1,
-		revs: map[int32]*hpred{}, revKeys: map[uint64][]int32{}}
+		revKeys: map[uint64][]int32{}}
 	for f := range m.orPresent {
 		m.orPresent[f] = -1
 	}
+	addPred := func(hp *hpred) {
+		pi := int32(len(m.preds))
+		m.preds = append(m.preds, hp)
+		if len(hp.and) == 0 || hp.and[0].h == 0 {
+			m.revLinear = append(m.revLinear, pi)
+			return
+		}
+		anchor := hp.and[0]
+		for f := field(0); f < nFields; f++ {
+			if anchor.fields.has(f) {
+				k := key(f, anchor.h)
+				m.revKeys[k] = append(m.revKeys[k], pi)
+				m.revBloom |= bloomBit(k)
+			}
+		}
+		if anchor.fields.has(fRole) {
+			m.revRole = append(m.revRole, pi)
+		}
+		if anchor.fields.has(fAudit) || anchor.fields.has(fAuditAny) {
+			m.revAudit = append(m.revAudit, pi)
+		}
+	}
 	for i := range events {
 		idx := int32(i)
-		p := compile(&events[i])
-		if wide && events[i].Kind != event.KindPolled {
+		e := &events[i]
+		p := compile(e)
+		if wide && e.Kind != event.KindPolled {
 			p = predicate{all: true}
+		}
+		if late && !p.revocation && !e.Time.IsZero() && (p.all || len(p.or) > 0) {
+			// Only the tokens issued before the event.
+			before := e.Time.Add(issuedSkew).Unix()
+			if p.all {
+				addPred(&hpred{ev: idx, hasIssued: true, issuedBefore: before})
+				continue
+			}
+			for _, c := range p.or {
+				addPred(&hpred{ev: idx, hasIssued: true, issuedBefore: before, and: []hclause{{c.fields, hash32(c.id)}}})
+			}
+			continue
 		}
 		switch {
 		case p.all:
 			m.all = minEvent(m.all, idx)
 		case p.revocation:
-			hp := &hpred{}
+			hp := &hpred{ev: idx}
 			if !p.issuedBefore.IsZero() {
 				hp.hasIssued, hp.issuedBefore = true, p.issuedBefore.Unix()
 			}
@@ -88,25 +147,7 @@ func newMatcher(events []event.Event, wide bool) *matcher {
 			for _, c := range p.and {
 				hp.and = append(hp.and, hclause{c.fields, hash32(c.id)})
 			}
-			m.revs[idx] = hp
-			if len(hp.and) == 0 {
-				m.revLinear = append(m.revLinear, idx)
-				continue
-			}
-			anchor := hp.and[0]
-			for f := field(0); f < nFields; f++ {
-				if anchor.fields.has(f) {
-					k := key(f, anchor.h)
-					m.revKeys[k] = append(m.revKeys[k], idx)
-					m.revBloom |= bloomBit(k)
-				}
-			}
-			if anchor.fields.has(fRole) {
-				m.revRole = append(m.revRole, idx)
-			}
-			if anchor.fields.has(fAudit) || anchor.fields.has(fAuditAny) {
-				m.revAudit = append(m.revAudit, idx)
-			}
+			addPred(hp)
 		default:
 			for _, c := range p.or {
 				h := hash32(c.id)
@@ -208,12 +249,13 @@ func (m *matcher) match(ix *serverIndex, en *entry, buf []uint64) (int32, []uint
 		best = minEvent(best, m.orPresent[fAudit])
 		best = minEvent(best, m.orPresent[fAuditAny])
 	}
-	if best >= 0 || len(m.revs) == 0 {
+	if best >= 0 || len(m.preds) == 0 {
 		return best, buf
 	}
-	check := func(i int32) {
-		if (best < 0 || i < best) && m.revs[i].matchEntry(ix, en) {
-			best = i
+	check := func(pi int32) {
+		p := m.preds[pi]
+		if (best < 0 || p.ev < best) && p.matchEntry(ix, en) {
+			best = p.ev
 		}
 	}
 	if m.revBloom != 0 {
@@ -296,7 +338,7 @@ func (c *hclause) matchEntry(ix *serverIndex, en *entry) bool {
 // none reports whether m cannot match anything (every event is the poller's
 // progress, or there is none).
 func (m *matcher) none() bool {
-	if m.all >= 0 || len(m.orKeys) > 0 || len(m.revs) > 0 {
+	if m.all >= 0 || len(m.orKeys) > 0 || len(m.preds) > 0 {
 		return false
 	}
 	for _, i := range m.orPresent {

@@ -112,7 +112,7 @@ func (r *recent) matcher(now time.Time) *matcher {
 			for i := range r.events {
 				evs[i] = r.events[i].ev
 			}
-			r.m = newMatcher(evs, r.wide)
+			r.m = newLateMatcher(evs, r.wide)
 		}
 	}
 	return r.m

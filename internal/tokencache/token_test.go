@@ -325,3 +325,57 @@ func TestCandidatesAgreeWithMatch(t *testing.T) {
 	}
 	check("every bounded case in one batch", newMatcher(bounded, false))
 }
+
+// TestLateMatcherOnlyTokensIssuedBefore checks the matcher of the recent
+// window: a notification concerns the tokens it names that were issued
+// before its time (plus issuedSkew), because a token issued after the change
+// is validated after it; a revocation event keeps its own issued_before; an
+// event without a time concerns every token it names.
+func TestLateMatcherOnlyTokensIssuedBefore(t *testing.T) {
+	changed := time.Date(2026, 11, 22, 13, 0, 0, 0, time.UTC)
+	user := event.Event{Version: 1, Kind: event.KindNotification, ID: "u", Type: "identity.user.updated", UserID: "u1", Time: changed}
+	untimed := user
+	untimed.ID, untimed.Time = "u-untimed", time.Time{}
+	unbounded := event.Event{Version: 1, Kind: event.KindNotification, ID: "g", Type: "identity.group.deleted", GroupID: "g1", Time: changed}
+	revocation := event.Event{Version: 1, Kind: event.KindRevocation, ID: "r", Type: "revocation", Time: changed.Add(time.Hour),
+		Revocation: &event.Revocation{UserID: "u2", IssuedBefore: changed}}
+	ix := newServerIndex(-1)
+	tok := func(user string, issued time.Time) entry {
+		tk := Token{UserID: user, IssuedAt: issued}
+		return ix.makeEntry(1, 0, &tk, stateReadable)
+	}
+	cases := []struct {
+		name  string
+		ev    event.Event
+		entry entry
+		want  bool
+	}{
+		{"notification: the user's token issued before", user, tok("u1", changed.Add(-time.Minute)), true},
+		{"notification: issued in the same second", user, tok("u1", changed), true},
+		{"notification: issued within the clock skew after", user, tok("u1", changed.Add(issuedSkew)), true},
+		{"notification: issued after", user, tok("u1", changed.Add(issuedSkew+time.Second)), false},
+		{"notification: issued at an unknown time", user, tok("u1", time.Time{}), true},
+		{"notification: another user's token issued before", user, tok("u9", changed.Add(-time.Minute)), false},
+		{"notification without a time: the user's token issued after", untimed, tok("u1", changed.Add(time.Hour)), true},
+		{"unbounded: any token issued before", unbounded, tok("u9", changed.Add(-time.Minute)), true},
+		{"unbounded: a token issued after", unbounded, tok("u9", changed.Add(time.Minute)), false},
+		{"revocation: issued before issued_before", revocation, tok("u2", changed.Add(-time.Second)), true},
+		{"revocation: issued after issued_before", revocation, tok("u2", changed.Add(time.Second)), false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := tc.entry
+			if i, _ := newLateMatcher([]event.Event{tc.ev}, false).match(ix, &e, nil); (i >= 0) != tc.want {
+				t.Fatalf("late matcher: matched %v, want %v", i >= 0, tc.want)
+			}
+		})
+	}
+	// Two events for the same user: the later one concerns the tokens
+	// issued between them.
+	later := user
+	later.ID, later.Time = "u-later", changed.Add(time.Hour)
+	e := tok("u1", changed.Add(time.Minute))
+	if i, _ := newLateMatcher([]event.Event{user, later}, false).match(ix, &e, nil); i != 1 {
+		t.Fatalf("late matcher of two events: matched event %d, want 1 (the later one)", i)
+	}
+}
