@@ -14,7 +14,7 @@ const (
 	DefaultReplayMargin      = 60 * time.Second
 	DefaultSecondPassDelay   = time.Second
 	DefaultBatchSize         = 256
-	DefaultBatchLinger       = 2 * time.Millisecond
+	DefaultBatchLinger       = time.Duration(0)
 	DefaultMaxAckPending     = 4096
 	DefaultRetryMin          = 100 * time.Millisecond
 	DefaultRetryMax          = 10 * time.Second
@@ -118,16 +118,20 @@ type Options struct {
 	// together, or while a previous invalidation runs, share one invalidation.
 	BatchSize int
 
-	// BatchLinger (--batch-linger, default 2ms) is how long the first event of
-	// an idle agent waits for others to join its batch. It adds to the
-	// revocation latency of every event that arrives alone; 0 means the
-	// default, negative means no wait.
+	// BatchLinger (--batch-linger, default 0: no wait) is how long the first
+	// event of an idle agent waits for others to join its batch. It adds to
+	// the revocation latency of every event that arrives alone; 0 and
+	// negative values mean no wait.
 	//
-	// Why 2ms: Keystone sends the notifications of one change (a domain
-	// deletion's cascade of project, user and role-assignment events) within
-	// about a millisecond, so a short wait catches them in one crawl; events
-	// that arrive while an invalidation runs join the next batch anyway, so a
-	// longer wait buys little batching and costs every lone revocation.
+	// Why no wait: with the token cache's live index a batch costs well under
+	// a millisecond (the entries are found in memory), so waiting costs more
+	// than one more batch would; events that arrive while a batch runs join
+	// the next one anyway. A server without a complete live index costs a
+	// crawl per batch (tens to hundreds of milliseconds); there the events
+	// that arrive during one crawl share the next, and a linger of a few
+	// milliseconds (Keystone sends the notifications of one change, such as
+	// a domain deletion's cascade, within about a millisecond) would save
+	// at most one crawl per cascade.
 	BatchLinger time.Duration
 
 	// MaxAckPending (--max-ack-pending, default 4096) is the consumer's

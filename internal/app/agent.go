@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"runtime/debug"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -60,10 +62,21 @@ func (o *AgentOptions) validateRegion() error {
 	return errors.Join(errs...)
 }
 
+// agentGCPercent is the garbage collector's target (GOGC) of a process that
+// runs an agent, unless the GOGC environment variable sets one. Most of the
+// agent's heap is the token cache's index: large, long-lived and free of
+// pointers, so the collector has almost nothing to scan in it and collecting
+// at 25% growth instead of Go's default 100% costs little CPU, while the
+// resident size stays near the index instead of twice it.
+const agentGCPercent = 25
+
 // agentComponents builds the region agent on an open NATS connection: the
-// invalidator (which keeps its index of each memcached server warm) and the
+// invalidator (which keeps its live index of each memcached server) and the
 // consumer that feeds it.
 func agentComponents(o *AgentOptions, nc *nats.Conn, reg prometheus.Registerer, log *slog.Logger) ([]component, func(), error) {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(agentGCPercent)
+	}
 	cluster, err := memcache.New(o.Memcache)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--memcached: %w", err)

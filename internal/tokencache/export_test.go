@@ -54,3 +54,16 @@ func Pending(inv *Invalidator, i int) int {
 // SetWatchDelay makes the watcher take d to handle each line: a watcher
 // that reads slowly.
 func SetWatchDelay(inv *Invalidator, d time.Duration) { inv.watchDelay.Store(int64(d)) }
+
+// Remembers reports whether server i's index holds key.
+func Remembers(inv *Invalidator, i int, key string) bool {
+	k, ok := parseKey([]byte(key))
+	if !ok {
+		return false
+	}
+	st := inv.servers[i]
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	_, ok = st.ix.lookup(k)
+	return ok
+}

@@ -245,6 +245,16 @@ func (s *Server) signal(sig syscall.Signal) {
 	}
 }
 
+// PID returns the process id of the running server, 0 when it is stopped.
+func (s *Server) PID() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
 // Running reports whether the process is running.
 func (s *Server) Running() bool {
 	s.mu.Lock()
