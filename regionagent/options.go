@@ -114,7 +114,7 @@ type Options struct {
 	SecondPassDelay time.Duration
 
 	// BatchSize (--batch-size, default 256) is the most events handled by one
-	// invalidation (one crawl of every memcached server). Events that arrive
+	// invalidation (one Invalidate call of the token cache). Events that arrive
 	// together, or while a previous invalidation runs, share one invalidation.
 	BatchSize int
 

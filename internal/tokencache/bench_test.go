@@ -2,6 +2,7 @@ package tokencache_test
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -18,6 +19,13 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
+)
+
+var (
+	flagBenchSizes = flag.String("tokencache.bench-sizes", "1000,10000,100000",
+		"BenchmarkInvalidate: token entries per server, comma-separated")
+	flagBenchNoCatalog = flag.Bool("tokencache.bench-no-catalog", false,
+		"BenchmarkInvalidate: token bodies without a catalog (1.2 KB values instead of 4.6 KB), for sizes the machine cannot hold otherwise")
 )
 
 // BenchmarkInvalidate measures one identity.user.updated batch against a
@@ -39,7 +47,11 @@ import (
 // the garbage of generating the entries was returned to the system; the test
 // binary itself adds a few MiB), and allocations per batch.
 func BenchmarkInvalidate(b *testing.B) {
-	for _, n := range []int{1000, 10000, 100000} {
+	for _, f := range strings.Split(*flagBenchSizes, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 10 {
+			b.Fatalf("-tokencache.bench-sizes: %q is not a number of entries (at least 10)", f)
+		}
 		for _, path := range []string{"crawl", "live"} {
 			b.Run(fmt.Sprintf("entries=%d/path=%s", n, path), func(b *testing.B) { benchInvalidate(b, n, path) })
 		}
@@ -53,6 +65,7 @@ func benchInvalidate(b *testing.B, perServer int, path string) {
 	c := newCluster(b, srv)
 	ctx := context.Background()
 	g := kmwtest.NewGen(uint64(perServer))
+	g.NoCatalog = *flagBenchNoCatalog
 	roles := []kmwtest.Role{{ID: g.ID(), Name: "member"}, {ID: g.ID(), Name: "reader"}}
 	domains := []string{"default", g.ID(), g.ID(), g.ID()}
 	tokensOf := func(user string) []kmwtest.Entry {

@@ -395,13 +395,61 @@ func (ix *serverIndex) scan(f field, h uint32, fn func(slot uint32)) {
 	}
 }
 
+// scanAny calls fn for every remembered slot whose field f holds one of the
+// hashes hs (none 0): one pass over the column for any number of ids. A slot
+// may be reported more than once.
+func (ix *serverIndex) scanAny(f field, hs []uint32, fn func(slot uint32)) {
+	rare := f >= nDense && f < nIDFields // a small map: per id is fine
+	if len(hs) == 1 || rare || f == fRole {
+		for _, h := range hs {
+			ix.scan(f, h, fn)
+		}
+		return
+	}
+	var bloom uint64
+	want := make(map[uint32]struct{}, len(hs))
+	for _, h := range hs {
+		bloom |= 1 << (h & 63)
+		want[h] = struct{}{}
+	}
+	match := func(v uint32) bool {
+		if v == 0 || bloom&(1<<(v&63)) == 0 {
+			return false
+		}
+		_, ok := want[v]
+		return ok
+	}
+	col := func(c []uint32) {
+		for slot, v := range c {
+			if match(v) && ix.keys[slot] != (binKey{}) {
+				fn(uint32(slot))
+			}
+		}
+	}
+	switch f {
+	case fAudit:
+		col(ix.audit)
+	case fAuditAny:
+		col(ix.audit)
+		col(ix.chain)
+	default:
+		col(ix.dense[f])
+	}
+}
+
 // slotSet is a set of slots, as a bitmap.
 type slotSet []uint64
 
+// add puts slot in the set. An emptied set (s[:0]) reuses its memory.
 func (s *slotSet) add(slot uint32) {
 	i := int(slot / 64)
-	if i >= len(*s) {
-		*s = append(*s, make([]uint64, i+1-len(*s))...)
+	if n := len(*s); i >= n {
+		if i < cap(*s) {
+			*s = (*s)[:i+1]
+			clear((*s)[n:])
+		} else {
+			*s = append(*s, make([]uint64, i+1-n)...)
+		}
 	}
 	(*s)[i] |= 1 << (slot % 64)
 }

@@ -626,7 +626,7 @@ func (st *serverState) chooseFromIndex(b *matcher) []pendingDelete {
 	ix := st.ix
 	var dels []pendingDelete
 	var buf []uint64
-	taken := slotSet{}
+	taken := st.scratch[0][:0]
 	take := func(slot uint32) {
 		if taken.has(slot) {
 			return
@@ -643,12 +643,13 @@ func (st *serverState) chooseFromIndex(b *matcher) []pendingDelete {
 	for slot := range ix.forEvery {
 		take(slot)
 	}
-	set, all := b.candidates(ix)
+	set, all := b.candidates(ix, st.scratch[1])
 	if all {
 		ix.each(take)
 	} else {
 		set.each(take)
 	}
+	st.scratch = [2]slotSet{taken, set}
 	return dels
 }
 

@@ -3,9 +3,12 @@ package tokencache_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -644,5 +647,28 @@ func TestEncryptIsLoud(t *testing.T) {
 	res, err := inv.Invalidate(context.Background(), []event.Event{userEvent("x", "nobody")})
 	if err != nil || res.Removed != 4 || res.UnreadableRemoved != 4 {
 		t.Fatalf("Invalidate = %+v, %v; want the 4 ENCRYPT entries removed", res.Counts, err)
+	}
+}
+
+// TestSASLServerIsReported checks a server that refuses the text protocol
+// (memcached -S): the agent says so, shows it in server_mode, and every
+// batch fails naming the server (nothing is acknowledged).
+func TestSASLServerIsReported(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "memcached.conf"), []byte("mech_list: plain\nsasldb_path: "+filepath.Join(dir, "sasldb2")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	servers := memcachetest.StartWith(t, 1, memcachetest.Options{Args: []string{"-S"}, Env: []string{"SASL_CONF_PATH=" + dir}})
+	c := newCluster(t, servers, func(o *memcache.Options) { o.IOTimeout = 500 * time.Millisecond })
+	inv := runInvalidator(t, c, tokencache.Options{})
+	testutilEventually(t, 10*time.Second, func() bool {
+		return inv.metric(t, "keystone_fanout_invalidator_server_mode", map[string]string{"mode": "unusable"}) == 1
+	})
+	if !strings.Contains(inv.logs.String(), "does not accept the text protocol") {
+		t.Fatalf("the log does not say why the server cannot be used:\n%s", inv.logs.String())
+	}
+	_, err := inv.Invalidate(context.Background(), []event.Event{userEvent("x", "u")})
+	if !errors.Is(err, memcache.ErrSASL) || !strings.Contains(err.Error(), servers[0].Addr) {
+		t.Fatalf("Invalidate = %v, want an error naming %s and SASL", err, servers[0].Addr)
 	}
 }

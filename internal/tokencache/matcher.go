@@ -350,26 +350,34 @@ func (m *matcher) none() bool {
 }
 
 // candidates returns the slots of ix that an event of m may concern, found
-// through the index's columns; every slot returned must still be checked
-// with match. all is true when m must look at every entry: an event that
-// removes every token, a presence clause ("every project-scoped token"), a
-// revocation event without an id clause. Entries removed for every event
-// (ix.forEvery) are not included.
-func (m *matcher) candidates(ix *serverIndex) (set slotSet, all bool) {
+// through the index's columns, in set (emptied first, its memory reused);
+// every slot returned must still be checked with match. all is true when m
+// must look at every entry: an event that removes every token, a presence
+// clause ("every project-scoped token"), a revocation event without an id
+// clause. Entries removed for every event (ix.forEvery) are not included.
+func (m *matcher) candidates(ix *serverIndex, set slotSet) (_ slotSet, all bool) {
+	set = set[:0]
 	if m.all >= 0 || len(m.revLinear) > 0 {
-		return nil, true
+		return set, true
 	}
 	for _, i := range m.orPresent {
 		if i >= 0 {
-			return nil, true
+			return set, true
 		}
 	}
 	add := func(slot uint32) { set.add(slot) }
+	// One scan per field for all the ids the batch looks for in it.
+	var byField [nFields][]uint32
 	for k := range m.orKeys {
-		ix.scan(field(k>>32), uint32(k), add)
+		byField[field(k>>32)] = append(byField[field(k>>32)], uint32(k))
 	}
 	for k := range m.revKeys {
-		ix.scan(field(k>>32), uint32(k), add)
+		byField[field(k>>32)] = append(byField[field(k>>32)], uint32(k))
+	}
+	for f, hs := range byField {
+		if len(hs) > 0 {
+			ix.scanAny(field(f), hs, add)
+		}
 	}
 	if m.orRole >= 0 || len(m.revRole) > 0 {
 		for slot, id := range ix.roles {

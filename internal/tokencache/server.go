@@ -48,6 +48,8 @@ type serverState struct {
 	lastCrawl time.Time
 	warm      bool
 	live      liveState
+	// scratch are the slot sets of the live path, reused between batches.
+	scratch [2]slotSet
 }
 
 func newServerState(inv *Invalidator, s *memcache.Server) *serverState {

@@ -298,7 +298,7 @@ func TestCandidatesAgreeWithMatch(t *testing.T) {
 				want = append(want, names[slot])
 			}
 		})
-		set, all := m.candidates(ix)
+		set, all := m.candidates(ix, nil)
 		visit := func(slot uint32) {
 			e := ix.entry(slot)
 			if i, _ := m.match(ix, &e, nil); i >= 0 {
