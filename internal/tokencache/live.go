@@ -153,6 +153,7 @@ func (st *serverState) watchLoop(ctx context.Context) {
 			l := &st.live
 			l.up, l.since, l.refused = true, time.Now(), nil
 			l.epoch++
+			l.confirmed = time.Time{} // to be confirmed on this connection
 			st.mu.Unlock()
 			inv.m.watching.WithLabelValues(st.name).Set(1)
 			inv.log.Info("watching memcached's stores", "server", st.name, "topics", watchTopics[topics])
@@ -273,13 +274,7 @@ func (st *serverState) pendingLoop(ctx context.Context) {
 			var c Counts
 			n, err := st.readPending(ctx, &c)
 			if err != nil {
-				st.inv.m.serverErrors.WithLabelValues(st.name, "get").Inc()
-				st.mu.Lock()
-				clear(st.pending)
-				st.lose(lossReadFailed)
-				st.mu.Unlock()
-				st.inv.log.Warn("reading reported stores failed", "server", st.name, "error", err)
-				break
+				break // counted and logged by readPending
 			}
 			if c.LateRemoved > 0 {
 				st.inv.log.Info("removed validations written back after their event", "server", st.name, "entries", c.LateRemoved)
@@ -293,8 +288,21 @@ func (st *serverState) pendingLoop(ctx context.Context) {
 
 // readPending reads up to Options.FetchBatch reported keys and removes those
 // an event of the recent window concerns. It returns how many keys it took.
+// A read that fails is a loss: the keys it took are no longer pending and
+// were not read.
 func (st *serverState) readPending(ctx context.Context, c *Counts) (int, error) {
 	inv := st.inv
+	var readErr error
+	defer func() {
+		if readErr != nil && ctx.Err() == nil {
+			inv.m.serverErrors.WithLabelValues(st.name, "get").Inc()
+			st.mu.Lock()
+			clear(st.pending)
+			st.lose(lossReadFailed)
+			st.mu.Unlock()
+			inv.log.Warn("reading reported stores failed", "server", st.name, "error", readErr)
+		}
+	}()
 	take := func() ([]binKey, []uint32) {
 		st.mu.Lock()
 		defer st.mu.Unlock()
@@ -349,6 +357,7 @@ func (st *serverState) readPending(ctx context.Context, c *Counts) (int, error) 
 	c.Fetched += fetched
 	inv.m.fetched.WithLabelValues(st.name).Add(float64(fetched))
 	if err != nil {
+		readErr = err
 		return n, err
 	}
 	return n, st.remove(ctx, dels, c)
