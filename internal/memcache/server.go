@@ -204,9 +204,9 @@ func (s *Server) Delete(ctx context.Context, keys []string) ([]bool, error) {
 }
 
 // Set stores items with the given time to live (whole seconds, at most 30
-// days; 0 means no expiry) through gomemcache, several at a time. It exists
-// for tests and benchmarks: keystone-fanout itself only writes its watch
-// markers (see Heartbeat).
+// days; 0 means no expiry) through gomemcache, several at a time.
+// keystone-fanout itself writes only the heartbeat markers of its live index
+// (internal/tokencache); tests and benchmarks write entries with it.
 func (s *Server) Set(ctx context.Context, items []Item, ttl time.Duration) error {
 	exp := int64(ttl / time.Second)
 	if exp < 0 || exp > 30*24*3600 {

@@ -138,8 +138,8 @@ func (o *Options) Validate() error {
 		def  time.Duration
 	}{
 		{"RefreshInterval", o.RefreshInterval, DefaultRefreshInterval},
-		{"LateWriteBackWindow", o.LateWriteBackWindow, DefaultLateWriteBackWindow},
-		{"TokenLifetime", o.TokenLifetime, DefaultTokenLifetime},
+		{"LateWriteBackWindow (--late-write-back-window)", o.LateWriteBackWindow, DefaultLateWriteBackWindow},
+		{"TokenLifetime (--token-lifetime)", o.TokenLifetime, DefaultTokenLifetime},
 		{"HeartbeatInterval", o.HeartbeatInterval, DefaultHeartbeatInterval},
 		{"MarkerTimeout", o.MarkerTimeout, DefaultMarkerTimeout},
 		{"MaxConfirmLag", o.MaxConfirmLag, DefaultMaxConfirmLag},
