@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"math"
@@ -13,6 +14,9 @@ import (
 	"testing"
 	"time"
 
+	gomemcache "github.com/bradfitz/gomemcache/memcache"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache"
@@ -35,6 +39,10 @@ var (
 		"BenchmarkAgentFullPath: how long one notification's entries may take to be removed before the benchmark fails")
 	flagBenchAgentArgs = flag.String("e2e.bench-agent-args", "",
 		"BenchmarkAgentFullPath: extra agent flags, space-separated (e.g. \"--batch-linger=0 --second-pass-delay=300\")")
+	flagBenchSizes = flag.String("e2e.bench-sizes", "1000,10000,100000",
+		"BenchmarkAgentFullPath: token entries per server, comma-separated")
+	flagBenchNoCatalog = flag.Bool("e2e.bench-no-catalog", false,
+		"BenchmarkAgentFullPath: token bodies without a catalog (include_service_catalog = False: 1.2 KB values instead of 4.6 KB), for sizes the machine cannot hold otherwise")
 )
 
 // benchEntryTTL is the TTL of the benchmark's entries. keystonemiddleware
@@ -48,25 +56,36 @@ const benchEntryTTL = 30 * time.Minute
 // notification to RabbitMQ (Keystone's exchange type, routing key, AMQP
 // properties and oslo envelope: the captures of internal/fixtures) to the
 // last of its user's cache entries removed from the region's memcached, with
-// 1,000, 10,000 and 100,000 other token entries per server, written by
-// kmwtest's Go writer in keystonemiddleware's strategy-None format on the
-// server python-memcache would pick. Each notification concerns its own user
-// and is published after the previous one's entries are gone. It reports
-// p50/p99/max of that time and the agent process's VmRSS and VmHWM after the
-// run. An entry not removed within -e2e.bench-deadline fails the benchmark.
+// 1,000, 10,000 and 100,000 other token entries per server (-e2e.bench-sizes),
+// written by kmwtest's Go writer in keystonemiddleware's strategy-None format
+// on the server python-memcache would pick. Each notification concerns its
+// own user and is published after the previous one's entries are gone.
+//
+// Beside it, in the same run and alternating with it, the raw chain: a
+// message published to RabbitMQ, consumed by a plain amqp091-go consumer in
+// this process that publishes it to a JetStream stream and acks after the
+// PubAck, consumed by a plain JetStream consumer that deletes one key from
+// one memcached server with gomemcache: the floor of any such pipeline on
+// this machine. Both are timed the same way (polling the keys every 1 ms).
+//
+// It reports p50/p99/max of both, the agent process's VmRSS and VmHWM after
+// the run, and how long the agent took to make its live index complete. An
+// entry not removed within -e2e.bench-deadline fails the benchmark.
 //
 //	go test -run '^$' -bench AgentFullPath -benchtime 1x -timeout 30m ./e2e/
 func BenchmarkAgentFullPath(b *testing.B) {
-	for _, perServer := range []int{1000, 10000, 100000} {
-		for _, sleep := range []string{"default", "0"} {
-			b.Run(fmt.Sprintf("entries=%d/crawler_sleep=%s", perServer, sleep), func(b *testing.B) {
-				benchAgentFullPath(b, perServer, sleep)
-			})
+	for _, f := range strings.Split(*flagBenchSizes, ",") {
+		perServer, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || perServer < 10 {
+			b.Fatalf("-e2e.bench-sizes: %q is not a number of entries (at least 10)", f)
 		}
+		b.Run(fmt.Sprintf("entries=%d", perServer), func(b *testing.B) {
+			benchAgentFullPath(b, perServer)
+		})
 	}
 }
 
-func benchAgentFullPath(b *testing.B, perServer int, crawlerSleep string) {
+func benchAgentFullPath(b *testing.B, perServer int) {
 	const servers = 2
 	nNotif, perUser := *flagBenchNotifications, *flagBenchEntriesPerUser
 	if nNotif < 1 || perUser < 1 {
@@ -91,13 +110,14 @@ func benchAgentFullPath(b *testing.B, perServer int, crawlerSleep string) {
 		os.RemoveAll(logDir)
 	})
 
-	// memcached: ~4.7 KB values land in a 5.x KB slab class; leave slack so
-	// that nothing is evicted (checked below).
-	var args []string
-	if crawlerSleep != "default" {
-		args = []string{"-o", "lru_crawler_sleep=" + crawlerSleep}
+	// memcached: ~4.7 KB values land in a 5.x KB slab class (~1.2 KB values
+	// without a catalog in a 1.5 KB one); leave slack so that nothing is
+	// evicted (checked below).
+	mem := perServer*9/1000 + 64
+	if *flagBenchNoCatalog {
+		mem = perServer*3/1000 + 64
 	}
-	mcs := memcachetest.StartWith(b, servers, memcachetest.Options{MemoryMB: perServer*9/1000 + 64, Args: args})
+	mcs := memcachetest.StartWith(b, servers, memcachetest.Options{MemoryMB: mem})
 	for _, s := range mcs {
 		setCanary(b, s.Addr)
 	}
@@ -121,6 +141,7 @@ func benchAgentFullPath(b *testing.B, perServer int, crawlerSleep string) {
 		b.Fatal("expected captured identity.user.* notifications naming only a user in internal/fixtures; found none")
 	}
 	gen := w.gen
+	gen.NoCatalog = *flagBenchNoCatalog
 	var victims []*victim
 	for i := range warmUps + nNotif*b.N {
 		v := &victim{tpl: userTpls[i%len(userTpls)], ids: map[kind]string{kUser: gen.ID()}}
@@ -236,18 +257,21 @@ func benchAgentFullPath(b *testing.B, perServer int, crawlerSleep string) {
 	start = time.Now()
 	agent.start(readyTimeout)
 
-	// The agent indexes every server at start (reading every value); wait
-	// for that so the measured batches are the steady state.
+	// The agent indexes every server at start (reading every value) and
+	// makes its live index complete; wait for that so the measured batches
+	// are the steady state.
 	total := float64(servers*perServer + victimEntries)
-	testutil.Eventually(b, 10*time.Minute, fmt.Sprintf("the agent's index to hold the %v token entries", total), func() (bool, string) {
+	testutil.Eventually(b, 20*time.Minute, fmt.Sprintf("the agent's live index to hold the %v token entries", total), func() (bool, string) {
 		m, err := agent.metrics()
 		if err != nil {
 			return false, err.Error()
 		}
 		n := m.sum("keystone_fanout_invalidator_index_entries")
-		return n >= total, fmt.Sprintf("keystone_fanout_invalidator_index_entries %v", n)
+		live := m.sum("keystone_fanout_invalidator_live_index")
+		return n >= total && live == servers, fmt.Sprintf("keystone_fanout_invalidator_index_entries %v, live_index %v", n, live)
 	})
 	warm := time.Since(start)
+	raw := benchStartRawChain(b, ns.Addr(), mcs[0].Addr)
 
 	measure := func(v *victim) time.Duration {
 		msg, _ := v.notification(time.Now())
@@ -272,13 +296,15 @@ func benchAgentFullPath(b *testing.B, perServer int, crawlerSleep string) {
 	}
 	for _, v := range victims[:warmUps] {
 		measure(v)
+		raw.measure(ctx, b, addrs)
 	}
 
-	var lat []time.Duration
+	var lat, rawLat []time.Duration
 	b.ResetTimer()
 	for i := range b.N {
 		for _, v := range victims[warmUps+i*nNotif : warmUps+(i+1)*nNotif] {
 			lat = append(lat, measure(v))
+			rawLat = append(rawLat, raw.measure(ctx, b, addrs))
 		}
 	}
 	b.StopTimer()
@@ -291,6 +317,7 @@ func benchAgentFullPath(b *testing.B, perServer int, crawlerSleep string) {
 	rss, hwm := benchProcMemory(b, agent)
 
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	sort.Slice(rawLat, func(i, j int) bool { return rawLat[i] < rawLat[j] })
 	var sum time.Duration
 	for _, d := range lat {
 		sum += d
@@ -300,13 +327,123 @@ func benchAgentFullPath(b *testing.B, perServer int, crawlerSleep string) {
 	b.ReportMetric(ms(benchPercentile(lat, 50)), "p50_ms")
 	b.ReportMetric(ms(benchPercentile(lat, 99)), "p99_ms")
 	b.ReportMetric(ms(lat[len(lat)-1]), "max_ms")
+	b.ReportMetric(ms(benchPercentile(rawLat, 50)), "raw_p50_ms")
+	b.ReportMetric(ms(benchPercentile(rawLat, 99)), "raw_p99_ms")
 	b.ReportMetric(float64(rss)/1024, "agent_VmRSS_MiB")
 	b.ReportMetric(float64(hwm)/1024, "agent_VmHWM_MiB")
 	b.ReportMetric(warm.Seconds(), "index_warm_s")
-	b.Logf("%d notifications: min %s p50 %s p90 %s p99 %s max %s; agent VmRSS %.1f MiB VmHWM %.1f MiB; index warm %s after start",
-		len(lat), lat[0].Round(10*time.Microsecond), benchPercentile(lat, 50).Round(10*time.Microsecond),
-		benchPercentile(lat, 90).Round(10*time.Microsecond), benchPercentile(lat, 99).Round(10*time.Microsecond),
-		lat[len(lat)-1].Round(10*time.Microsecond), float64(rss)/1024, float64(hwm)/1024, warm.Round(time.Millisecond))
+	q := func(l []time.Duration, p float64) time.Duration {
+		return benchPercentile(l, p).Round(10 * time.Microsecond)
+	}
+	b.Logf("%d notifications: min %s p50 %s p90 %s p99 %s max %s; raw chain min %s p50 %s p90 %s p99 %s max %s; agent VmRSS %.1f MiB VmHWM %.1f MiB; live index complete %s after start",
+		len(lat), q(lat, 0), q(lat, 50), q(lat, 90), q(lat, 99), q(lat, 100),
+		q(rawLat, 0), q(rawLat, 50), q(rawLat, 90), q(rawLat, 99), q(rawLat, 100),
+		float64(rss)/1024, float64(hwm)/1024, warm.Round(time.Millisecond))
+}
+
+// benchRawChain is the raw chain of BenchmarkAgentFullPath: RabbitMQ ->
+// amqp091-go consumer -> JetStream publish (ack after the PubAck) ->
+// JetStream consumer -> one gomemcache delete.
+type benchRawChain struct {
+	pub    *benchPublisher
+	mc     *gomemcache.Client
+	n      int
+	suffix string
+}
+
+func benchStartRawChain(b *testing.B, natsAddr, mcAddr string) *benchRawChain {
+	b.Helper()
+	pub := benchStartRabbitMQ(b)
+	r := &benchRawChain{pub: pub, mc: gomemcache.New(mcAddr), suffix: randomSuffix()}
+	nc, err := nats.Connect("nats://" + natsAddr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	stream, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "RAW", Subjects: []string{"raw.>"}, Storage: jetstream.FileStorage})
+	if err != nil {
+		b.Fatalf("creating the raw chain's stream: %v", err)
+	}
+	cons, err := stream.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{Durable: "raw", AckPolicy: jetstream.AckExplicitPolicy})
+	if err != nil {
+		b.Fatal(err)
+	}
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		if err := r.mc.Delete(string(m.Data())); err != nil && !errors.Is(err, gomemcache.ErrCacheMiss) {
+			_ = m.Nak()
+			return
+		}
+		_ = m.Ack()
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(cc.Stop)
+	conn, err := amqp.Dial(pub.url)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { conn.Close() })
+	ch, err := conn.Channel()
+	if err != nil {
+		b.Fatal(err)
+	}
+	q, err := ch.QueueDeclare(pub.queue, false, true, false, false, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := ch.QueueBind(q.Name, "raw", pub.exchange, false, nil); err != nil {
+		b.Fatal(err)
+	}
+	deliveries, err := ch.Consume(q.Name, "", false, false, false, false, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	go func() {
+		for d := range deliveries {
+			if _, err := js.Publish(ctx, "raw.key", d.Body); err != nil {
+				_ = d.Nack(false, true)
+				continue
+			}
+			_ = d.Ack(false)
+		}
+	}()
+	return r
+}
+
+// measure stores a key, publishes its name to RabbitMQ and times until the
+// key is gone, polling as the agent's measurement does.
+func (r *benchRawChain) measure(ctx context.Context, b *testing.B, addrs []string) time.Duration {
+	b.Helper()
+	r.n++
+	key := fmt.Sprintf("ksf-e2e-raw-%s-%d", r.suffix, r.n)
+	if err := r.mc.Set(&gomemcache.Item{Key: key, Value: []byte("x"), Expiration: 600}); err != nil {
+		b.Fatal(err)
+	}
+	t0 := time.Now()
+	c, err := r.pub.ch.PublishWithDeferredConfirmWithContext(ctx, r.pub.exchange, "raw", false, false, amqp.Publishing{Body: []byte(key)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	deadline := t0.Add(*flagBenchDeadline)
+	for {
+		if missing := benchMissing(b, addrs, []string{key}); len(missing) == 1 {
+			d := time.Since(t0)
+			if ok, err := c.WaitContext(ctx); err != nil || !ok {
+				b.Fatalf("RabbitMQ did not confirm the raw publish (ack %v): %v", ok, err)
+			}
+			return d
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("the raw chain did not delete %s within %s", key, *flagBenchDeadline)
+		}
+		time.Sleep(time.Millisecond) // polling interval, not synchronisation
+	}
 }
 
 // benchPercentile is the nearest-rank percentile of sorted durations.

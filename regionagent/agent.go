@@ -1,12 +1,13 @@
 // Package regionagent is the consuming side of keystone-fanout: one Agent runs
 // in each region, reads every event from its region's durable JetStream
-// consumer, has the Invalidator remove the affected keystonemiddleware cache
-// entries from every memcached server of the region, and acknowledges an event
-// only after that finished, twice (see Options.SecondPassDelay).
+// consumer, has the region's token cache (a *tokencache.Invalidator) remove
+// the affected keystonemiddleware cache entries from every memcached server of
+// the region, and acknowledges an event only after that finished, twice (see
+// Options.SecondPassDelay).
 //
 // Guarantees:
 //   - at least once: an event is acknowledged only after both its passes
-//     returned nil from the Invalidator; a failed pass is retried in process
+//     returned nil from Invalidate; a failed pass is retried in process
 //     with capped back-off, forever, and an event the agent stopped working on
 //     (crash, lost connection) is redelivered by JetStream;
 //   - no silent loss: events the region missed and the stream no longer holds
@@ -39,32 +40,20 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/stream"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 )
 
-// Invalidator removes the token cache entries that events make stale from
-// every memcached server of the region. internal/tokencache provides it.
-type Invalidator interface {
-	// Invalidate handles one batch. A nil error means the invalidation finished
-	// on every server; otherwise the agent retries the whole batch later. It
-	// must be safe to repeat.
-	Invalidate(ctx context.Context, events []event.Event) (Result, error)
+// TokenCache is the region's token cache as the agent uses it:
+// *tokencache.Invalidator, whose Run the caller runs beside the agent (it
+// keeps the live index of every memcached server).
+type TokenCache interface {
+	// Invalidate handles one batch (one pass of its events). A nil error
+	// means the invalidation finished on every server; otherwise the agent
+	// retries the whole batch later. It must be safe to repeat.
+	Invalidate(ctx context.Context, events []event.Event) (tokencache.Result, error)
 }
 
-// Result is what one Invalidate call did, summed over the servers.
-type Result struct {
-	// Removed is the number of token entries deleted.
-	Removed int
-	// Kept is the number of token entries inspected and left in place.
-	Kept int
-	// Swept is set when the call removed every token entry (an unbounded
-	// event, a gap, or the sweep strategy).
-	Swept bool
-	// Flushed is set when the call flushed memcached entirely (the flush
-	// strategy).
-	Flushed bool
-}
-
-// Pinger is implemented by an Invalidator that can tell whether every
+// Pinger is implemented by a TokenCache that can tell whether every
 // memcached server is reachable; Ready uses it when present.
 type Pinger interface {
 	Ping(ctx context.Context) error
@@ -75,7 +64,7 @@ type Pinger interface {
 const UndecodableEventType = "keystone-fanout.undecodable"
 
 // WidenedEventType is the Type of the unbounded event an agent replaces a
-// batch with when the Invalidator panicked on it.
+// batch with when Invalidate panicked on it.
 const WidenedEventType = "keystone-fanout.widened"
 
 // Agent consumes one region's events. Create it with New, run it with Run.
@@ -86,7 +75,7 @@ type Agent struct {
 	// regional mirror) and the checkpoint bucket; central reaches the central
 	// stream's domain: the poller's lease and the mirror's source.
 	js, central jetstream.JetStream
-	inv         Invalidator
+	inv         TokenCache
 	log         *slog.Logger
 	m           *metrics
 
@@ -141,9 +130,9 @@ type item struct {
 
 // New checks o (see Options.Validate), registers the agent's metrics with reg
 // and returns an Agent that uses nc (which the caller owns, connected with
-// unlimited reconnects: see internal/natsconn) and inv. Nothing is contacted
-// before Run.
-func New(o Options, nc *nats.Conn, inv Invalidator, reg prometheus.Registerer, log *slog.Logger) (*Agent, error) {
+// unlimited reconnects: see internal/natsconn) and inv, the region's token
+// cache. Nothing is contacted before Run.
+func New(o Options, nc *nats.Conn, inv TokenCache, reg prometheus.Registerer, log *slog.Logger) (*Agent, error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
@@ -151,7 +140,7 @@ func New(o Options, nc *nats.Conn, inv Invalidator, reg prometheus.Registerer, l
 		return nil, errors.New("regionagent: no NATS connection")
 	}
 	if inv == nil {
-		return nil, errors.New("regionagent: no Invalidator")
+		return nil, errors.New("regionagent: no token cache")
 	}
 	if reg == nil {
 		return nil, errors.New("regionagent: no prometheus.Registerer")
@@ -226,9 +215,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.life = runCtx
 
 	var wg sync.WaitGroup
-	workerDone := make(chan struct{})
+	schedulerDone := make(chan struct{})
 	go func() {
-		defer close(workerDone)
+		defer close(schedulerDone)
 		a.work(runCtx, hard)
 	}()
 	wg.Add(3)
@@ -252,7 +241,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	cancelRun()
 	stopTimer := time.AfterFunc(a.o.ShutdownTimeout, cancelHard)
 	defer stopTimer.Stop()
-	<-workerDone
+	<-schedulerDone
 	wg.Wait()
 	a.checks.Wait()
 	n := a.handBack()
@@ -266,7 +255,7 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 // Ready reports whether the agent can do its work now: NATS connected, the
-// consumer bound, and (when the Invalidator is a Pinger) every memcached
+// consumer bound, and (when the token cache is a Pinger) every memcached
 // server reachable within Options.ReadyTimeout. The error says what is wrong.
 func (a *Agent) Ready() error {
 	var errs []error
@@ -325,7 +314,7 @@ func (a *Agent) requestRebind(reason string) {
 	}
 }
 
-// consume binds to the consumer and pumps its messages to the worker, binding
+// consume binds to the consumer and pumps its messages to the scheduler, binding
 // again after every failure, until ctx ends.
 func (a *Agent) consume(ctx context.Context) error {
 	retry := backoff.New(a.o.RetryMin, a.o.RetryMax)
@@ -641,7 +630,7 @@ func (a *Agent) startCheck(ctx context.Context, si *jetstream.StreamInfo, ci *je
 	return nil
 }
 
-// pump moves messages from the consumer to the worker until the binding ends.
+// pump moves messages from the consumer to the scheduler until the binding ends.
 func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 	it, err := cons.Messages(
 		jetstream.PullMaxMessages(a.o.BatchSize),
@@ -702,7 +691,7 @@ func stopIterator(it jetstream.MessagesContext) {
 	}
 }
 
-// receive turns a delivered message into an item for the worker.
+// receive turns a delivered message into an item for the scheduler.
 func (a *Agent) receive(ctx context.Context, msg jetstream.Msg) {
 	md, err := msg.Metadata()
 	if err != nil {
@@ -739,7 +728,7 @@ func (a *Agent) receive(ctx context.Context, msg jetstream.Msg) {
 	a.enqueue(ctx, &item{msg: msg, gen: gen, seq: seq, ev: ev, stored: md.Timestamp, first: !redelivery})
 }
 
-// enqueue hands an item to the worker. Items not taken when ctx ends stay in
+// enqueue hands an item to the scheduler. Items not taken when ctx ends stay in
 // the held set and are handed back on shutdown; gaps are redetected.
 func (a *Agent) enqueue(ctx context.Context, it *item) {
 	a.held.add(it)

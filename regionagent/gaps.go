@@ -90,7 +90,7 @@ func vanishedMayMatter(st jetstream.StreamState, w time.Time) bool {
 }
 
 // tracker follows which stream sequences the agent has seen and handled. It
-// is shared by the fetcher, the worker and the audit.
+// is shared by the fetcher, the scheduler and the audit.
 type tracker struct {
 	mu sync.Mutex
 	// initialized is false until the first bind of this process.

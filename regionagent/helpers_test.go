@@ -19,6 +19,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 )
 
 const (
@@ -168,11 +169,11 @@ type fakeInvalidator struct {
 	calls  []call
 	fail   func(n int, evs []event.Event) error
 	gate   func(ctx context.Context, n int, evs []event.Event) error
-	result Result
+	result tokencache.Result
 	ping   error
 }
 
-func (f *fakeInvalidator) Invalidate(ctx context.Context, evs []event.Event) (Result, error) {
+func (f *fakeInvalidator) Invalidate(ctx context.Context, evs []event.Event) (tokencache.Result, error) {
 	start := time.Now()
 	f.mu.Lock()
 	n := len(f.calls)
@@ -259,7 +260,7 @@ func testOptions() Options {
 	}
 }
 
-func startAgent(t testing.TB, nc *nats.Conn, o Options, inv Invalidator) *runningAgent {
+func startAgent(t testing.TB, nc *nats.Conn, o Options, inv TokenCache) *runningAgent {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	a, err := New(o, nc, inv, reg, testutil.Logger(t))

@@ -21,6 +21,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 )
 
 // The child process mode of the test binary: TestMain runs an agent instead
@@ -53,15 +54,15 @@ type fileInvalidator struct {
 	hold bool
 }
 
-func (fi *fileInvalidator) Invalidate(ctx context.Context, evs []event.Event) (Result, error) {
+func (fi *fileInvalidator) Invalidate(ctx context.Context, evs []event.Event) (tokencache.Result, error) {
 	if fi.hold {
 		<-ctx.Done()
-		return Result{}, ctx.Err()
+		return tokencache.Result{}, ctx.Err()
 	}
 	select { // a memcached crawl takes a little while
 	case <-time.After(10 * time.Millisecond):
 	case <-ctx.Done():
-		return Result{}, ctx.Err()
+		return tokencache.Result{}, ctx.Err()
 	}
 	var b strings.Builder
 	for _, e := range evs {
@@ -70,7 +71,7 @@ func (fi *fileInvalidator) Invalidate(ctx context.Context, evs []event.Event) (R
 	fi.mu.Lock()
 	defer fi.mu.Unlock()
 	_, err := fi.f.WriteString(b.String())
-	return Result{Removed: len(evs)}, err
+	return tokencache.Result{Counts: tokencache.Counts{Removed: len(evs)}}, err
 }
 
 func runChild(url, out string) int {

@@ -43,7 +43,7 @@ const (
 	// passSecond: a call with second passes only.
 	passSecond = "second"
 	// passMerged: a call with first passes of new events and the second
-	// passes that were due (or nearly) at the same time, in one crawl.
+	// passes that were due (or nearly) at the same time, in one call.
 	passMerged = "merged"
 )
 
@@ -139,7 +139,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"from"}),
 		invalidations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricPrefix + "invalidations_total",
-			Help: "Invalidation calls (one crawl of every memcached server), by pass: first (new events only), second (second passes only), merged (new events and due second passes in one call).",
+			Help: "Invalidation calls (one Invalidate of the token cache: from the live index, or a crawl of a server without one), by pass: first (new events only), second (second passes only), merged (new events and due second passes in one call).",
 		}, []string{"pass"}),
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricPrefix + "invalidation_failures_total",

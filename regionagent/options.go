@@ -14,9 +14,9 @@ const (
 	DefaultStream            = stream.DefaultName
 	DefaultTokenCacheTime    = 300 * time.Second
 	DefaultReplayMargin      = 60 * time.Second
-	DefaultSecondPassDelay   = 2 * time.Second
+	DefaultSecondPassDelay   = time.Second
 	DefaultBatchSize         = 256
-	DefaultBatchLinger       = 2 * time.Millisecond
+	DefaultBatchLinger       = time.Duration(0)
 	DefaultMaxAckPending     = 4096
 	DefaultRetryMin          = 100 * time.Millisecond
 	DefaultRetryMax          = 10 * time.Second
@@ -84,27 +84,31 @@ type Options struct {
 	// between the NATS server and Keystone's hosts.
 	ReplayMargin time.Duration
 
-	// SecondPassDelay (--second-pass-delay, default 2s) is how long after the
+	// SecondPassDelay (--second-pass-delay, default 1s) is how long after the
 	// first invalidation of an event ends the same invalidation runs again;
-	// 0 means the default. It must not be negative: there is no way to turn
-	// the second pass off, because without it a validation in flight during
-	// the first pass can write a stale entry back.
+	// 0 means the default. It must not be negative: the second pass cannot be
+	// turned off.
 	//
-	// Why: keystonemiddleware (auth_token fetch_token) asks Keystone first and
-	// writes the answer to memcached after. A validation that Keystone answered
-	// just before the change, and whose answer reaches memcached after the
-	// first pass, writes a stale entry back for token_cache_time. The first
-	// pass ends tens of milliseconds after the change, so the second pass
-	// covers answers that take up to SecondPassDelay longer than that to travel
-	// from Keystone's response to memcached: one response transit across
-	// regions plus the middleware's JSON handling and memcached set, normally
-	// well under a second. It does not cover an answer delayed longer than
-	// that: the middleware's HTTP client has no timeout by default
-	// (http_connect_timeout unset) and its memcached writes may take up to
-	// memcache_pool_socket_timeout (3s); raise the delay (5s covers the
-	// latter) on links or caches that stall. A longer delay costs nothing on
-	// the revocation path: it only holds events longer before acknowledging
-	// them.
+	// Why a second pass: keystonemiddleware (auth_token fetch_token) asks
+	// Keystone first and writes the answer to memcached after, so a
+	// validation Keystone answered just before the change can be written
+	// back after the first pass. The token cache's live index removes such a
+	// late write-back as soon as memcached reports its store, for as long as
+	// the event is in its recent window (tokencache
+	// Options.LateWriteBackWindow, 15s, and revocation events for a token's
+	// lifetime). The second pass is the safety net behind that: it runs the
+	// batch again from the live index when it is still complete, and crawls
+	// the servers whose index broke since the first pass (a watch
+	// connection lost, lines memcached dropped, a restart), which is how a
+	// store missed while the watcher was blind is still found. It also
+	// delays the acknowledgement until the heartbeat confirmed the first
+	// pass's answer (tokencache Options.MaxConfirmLag, 500ms): the delay
+	// must be longer than that, hence 1s. Before the live index the second
+	// pass was the only defence (2s; a write-back after it stayed for
+	// token_cache_time); on a server that refuses "watch" it still is, and a
+	// longer delay (5s covers memcache_pool_socket_timeout) is advisable
+	// there. A longer delay costs nothing on the revocation path: it only
+	// holds events longer before acknowledging them.
 	//
 	// An event is acknowledged only after its second pass finished on every
 	// memcached server: a crash between the passes redelivers it, and the
@@ -115,29 +119,33 @@ type Options struct {
 	// Due second passes ride along with the next first pass: an invalidation
 	// of new events also takes, room permitting (BatchSize), every event whose
 	// second pass is due or due within min(SecondPassDelay/10, 200ms), so that
-	// one crawl of each server does both and a new event never waits behind a
-	// second pass. A second pass may therefore run up to that much early: with
-	// the default 2s it runs 1.8s to 2s after the first pass ended. Second
-	// passes due while no first pass is ready run on their own, on time. When
-	// new events fill whole batches, the second passes they leave out run on
-	// their own before the next batch of new events, so that acks never starve.
+	// one call does both and a new event never waits behind a second pass. A
+	// second pass may therefore run up to that much early: with the default
+	// 1s it runs 0.9s to 1s after the first pass ended. Second passes due
+	// while no first pass is ready run on their own, on time. When new events
+	// fill whole batches, the second passes they leave out run on their own
+	// before the next batch of new events, so that acks never starve.
 	SecondPassDelay time.Duration
 
 	// BatchSize (--batch-size, default 256) is the most events handled by one
-	// invalidation (one crawl of every memcached server). Events that arrive
+	// invalidation (one Invalidate call of the token cache). Events that arrive
 	// together, or while a previous invalidation runs, share one invalidation.
 	BatchSize int
 
-	// BatchLinger (--batch-linger, default 2ms) is how long the first event of
-	// an idle agent waits for others to join its batch. It adds to the
-	// revocation latency of every event that arrives alone; 0 means the
-	// default, negative means no wait.
+	// BatchLinger (--batch-linger, default 0: no wait) is how long the first
+	// event of an idle agent waits for others to join its batch. It adds to
+	// the revocation latency of every event that arrives alone; 0 and
+	// negative values mean no wait.
 	//
-	// Why 2ms: Keystone sends the notifications of one change (a domain
-	// deletion's cascade of project, user and role-assignment events) within
-	// about a millisecond, so a short wait catches them in one crawl; events
-	// that arrive while an invalidation runs join the next batch anyway, so a
-	// longer wait buys little batching and costs every lone revocation.
+	// Why no wait: with the token cache's live index a batch costs well under
+	// a millisecond (the entries are found in memory), so waiting costs more
+	// than one more batch would; events that arrive while a batch runs join
+	// the next one anyway. A server without a complete live index costs a
+	// crawl per batch (tens to hundreds of milliseconds); there the events
+	// that arrive during one crawl share the next, and a linger of a few
+	// milliseconds (Keystone sends the notifications of one change, such as
+	// a domain deletion's cascade, within about a millisecond) would save
+	// at most one crawl per cascade.
 	BatchLinger time.Duration
 
 	// MaxAckPending (--max-ack-pending, default 4096) is the consumer's

@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/stream"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 )
 
 // receiptTimeout bounds the wait for a receipt's PubAck.
@@ -14,7 +15,7 @@ const receiptTimeout = 10 * time.Second
 // for `keystone-fanout trace`, and its loss (no receipts stream, no
 // permission, NATS away) is counted in receipt_errors_total, never retried,
 // and never holds an event back. Gap sweeps have no receipt.
-func (a *Agent) sendReceipt(batch []*item, res Result, gone time.Time) {
+func (a *Agent) sendReceipt(batch []*item, res tokencache.Result, gone time.Time) {
 	r := stream.Receipt{Version: stream.ReceiptVersion, Region: a.o.Region, Stream: a.o.Stream, Gone: gone.UTC(),
 		Removed: res.Removed, Swept: res.Swept || res.Flushed}
 	for _, it := range batch {

@@ -122,7 +122,7 @@ type waiting struct {
 	deadline time.Time
 }
 
-// resolver is the worker's state for resolution. Only the worker goroutine
+// resolver is the scheduler's state for resolution. Only the scheduler goroutine
 // touches it.
 type resolver struct {
 	waiting []waiting
@@ -133,8 +133,8 @@ type resolver struct {
 
 // take handles it when it is a proof of progress or a notification that can
 // wait for one, and reports whether it did; other items go the usual way.
-func (w *worker) take(it *item, now time.Time) bool {
-	a := w.a
+func (s *scheduler) take(it *item, now time.Time) bool {
+	a := s.a
 	switch {
 	case it.ev.Kind == event.KindPolled && it.ev.Polled != nil && it.ev.Polled.Through >= it.seq:
 		// A proof can only cover what was stored before it: this one was
@@ -146,38 +146,38 @@ func (w *worker) take(it *item, now time.Time) bool {
 		return true
 	case it.ev.Kind == event.KindPolled && it.ev.Polled != nil:
 		through := it.ev.Polled.Through
-		if w.res.polled == nil {
-			w.res.polled = map[uint64]uint64{}
+		if s.res.polled == nil {
+			s.res.polled = map[uint64]uint64{}
 		}
-		w.res.polled[it.gen] = max(w.res.polled[it.gen], through)
-		kept := w.res.waiting[:0]
-		for _, wt := range w.res.waiting {
+		s.res.polled[it.gen] = max(s.res.polled[it.gen], through)
+		kept := s.res.waiting[:0]
+		for _, wt := range s.res.waiting {
 			if wt.it.gen == it.gen && wt.it.seq <= through {
-				w.resolved(wt.it, now)
+				s.resolved(wt.it, now)
 			} else {
 				kept = append(kept, wt)
 			}
 		}
-		clear(w.res.waiting[len(kept):])
-		w.res.waiting = kept
+		clear(s.res.waiting[len(kept):])
+		s.res.waiting = kept
 		a.finish(it)
 		return true
 	case it.msg == nil || !it.ev.ResolvedByRevocations():
 		return false
-	case it.seq <= w.res.polled[it.gen]:
-		w.resolved(it, now) // a redelivery after its proof
+	case it.seq <= s.res.polled[it.gen]:
+		s.resolved(it, now) // a redelivery after its proof
 		return true
 	case !a.pollerLive():
 		a.m.resolutions.WithLabelValues(resolveSourceOff).Inc()
 		return false
 	}
-	w.res.waiting = append(w.res.waiting, waiting{it: it, deadline: now.Add(a.o.ResolveWait)})
+	s.res.waiting = append(s.res.waiting, waiting{it: it, deadline: now.Add(a.o.ResolveWait)})
 	return true
 }
 
 // resolved finishes a notification the poller's revocation events cover.
-func (w *worker) resolved(it *item, now time.Time) {
-	a := w.a
+func (s *scheduler) resolved(it *item, now time.Time) {
+	a := s.a
 	a.m.resolutions.WithLabelValues(resolvedByPoller).Inc()
 	if it.first && !it.stored.IsZero() {
 		a.m.resolveWait.Observe(now.Sub(it.stored).Seconds())
@@ -190,15 +190,15 @@ func (w *worker) resolved(it *item, now time.Time) {
 // expireWaiting hands the notifications whose wait is over to the usual
 // path, which removes every token entry for them, and returns the earliest
 // deadline still pending (zero: none).
-func (w *worker) expireWaiting(now time.Time) time.Time {
+func (s *scheduler) expireWaiting(now time.Time) time.Time {
 	var next time.Time
-	kept := w.res.waiting[:0]
-	for _, wt := range w.res.waiting {
+	kept := s.res.waiting[:0]
+	for _, wt := range s.res.waiting {
 		if !now.Before(wt.deadline) {
-			w.a.m.resolutions.WithLabelValues(resolveTimeout).Inc()
-			w.a.log.Warn("no proof from the revocation poller in time: removing every token entry for this notification",
-				"event_id", wt.it.ev.ID, "event_type", wt.it.ev.Type, "stream_seq", wt.it.seq, "waited", w.a.o.ResolveWait)
-			w.enqueueFirst(wt.it, now)
+			s.a.m.resolutions.WithLabelValues(resolveTimeout).Inc()
+			s.a.log.Warn("no proof from the revocation poller in time: removing every token entry for this notification",
+				"event_id", wt.it.ev.ID, "event_type", wt.it.ev.Type, "stream_seq", wt.it.seq, "waited", s.a.o.ResolveWait)
+			s.enqueueFirst(wt.it, now)
 			continue
 		}
 		if next.IsZero() || wt.deadline.Before(next) {
@@ -206,7 +206,7 @@ func (w *worker) expireWaiting(now time.Time) time.Time {
 		}
 		kept = append(kept, wt)
 	}
-	clear(w.res.waiting[len(kept):])
-	w.res.waiting = kept
+	clear(s.res.waiting[len(kept):])
+	s.res.waiting = kept
 	return next
 }

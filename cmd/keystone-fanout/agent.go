@@ -39,6 +39,8 @@ func (f *agentFlags) registerAgent(s *config.Set) {
 	t := &f.o.Memcache.TLS
 	registerTLS(s, "memcached", "memcached servers", &t.CAFile, &t.CertFile, &t.KeyFile, &t.ServerName)
 	s.Seconds(&a.SecondPassDelay, "second-pass-delay", regionagent.DefaultSecondPassDelay, "the same invalidation again after this delay, for validations in flight during the first (0: the default; it cannot be turned off)")
+	s.Seconds(&f.o.Invalidation.TokenLifetime, "token-lifetime", tokencache.DefaultTokenLifetime, "Keystone's [token] expiration: how long a revocation event removes validations of the tokens it revokes written back after it")
+	s.Seconds(&f.o.Invalidation.LateWriteBackWindow, "late-write-back-window", tokencache.DefaultLateWriteBackWindow, "how long a notification removes validations of older tokens it concerns written back after it")
 	s.Seconds(&a.ReplayMargin, "replay-margin", regionagent.DefaultReplayMargin, "added to --token-cache-time when replaying a new consumer's history")
 	s.Int(&a.BatchSize, "batch-size", regionagent.DefaultBatchSize, "most events handled by one invalidation")
 	s.Duration(&a.BatchLinger, "batch-linger", regionagent.DefaultBatchLinger, "how long an idle agent's first event waits for others to share its invalidation (0: no wait)")

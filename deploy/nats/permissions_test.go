@@ -30,6 +30,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
 	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 	"github.com/keystone-fanout/keystone-fanout/regionagent"
 )
 
@@ -128,13 +129,13 @@ type countingInvalidator struct {
 	ids map[string]bool
 }
 
-func (c *countingInvalidator) Invalidate(_ context.Context, evs []event.Event) (regionagent.Result, error) {
+func (c *countingInvalidator) Invalidate(_ context.Context, evs []event.Event) (tokencache.Result, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, e := range evs {
 		c.ids[e.ID] = true
 	}
-	return regionagent.Result{}, nil
+	return tokencache.Result{}, nil
 }
 
 func (c *countingInvalidator) seen(id string) bool {

@@ -358,9 +358,14 @@ func testChanges(t *testing.T, format string) {
 			// pass, which the times below measure, does not depend on it.
 			Agent:    regionagent.Options{Region: "regionTwo", SecondPassDelay: 300 * time.Millisecond},
 			Memcache: memcache.Options{Servers: memcachetest.List(servers)},
-			Invalidation: tokencache.Options{Strategy: tokencache.Targeted, OnRemove: func(rm tokencache.Removal) {
-				removals <- rm
-			}},
+			// A short late write-back window: the rig caches the tokens it
+			// sets up right after the role assignments that make them
+			// usable, and within the default window the token cache would
+			// remove those validations as late write-backs of the
+			// assignments (tokens issued in the same second as a change
+			// count as issued before it). settled() outlasts this window.
+			Invalidation: tokencache.Options{Strategy: tokencache.Targeted, LateWriteBackWindow: 100 * time.Millisecond,
+				OnRemove: func(rm tokencache.Removal) { removals <- rm }},
 		},
 	}
 	runCtx, cancel := context.WithCancel(ctx)

@@ -29,7 +29,8 @@ func New(opts Options) (*Cluster, error) {
 	tlsCfg, _ := o.TLS.config()         // checked by Validate
 	c := &Cluster{}
 	for _, a := range addrs {
-		c.servers = append(c.servers, &Server{addr: a, p: newPool(a, tlsCfg, o), io: o.IOTimeout})
+		p := newPool(a, tlsCfg, o)
+		c.servers = append(c.servers, &Server{addr: a, p: p, io: o.IOTimeout, mc: newKeyClient(a, p.tlsCfg, o)})
 	}
 	return c, nil
 }
@@ -37,10 +38,12 @@ func New(opts Options) (*Cluster, error) {
 // Servers returns the servers in configured order.
 func (c *Cluster) Servers() []*Server { return c.servers }
 
-// Close closes idle connections; operations after Close fail with ErrClosed.
+// Close closes idle connections; operations on this package's own
+// connections fail with ErrClosed after it.
 func (c *Cluster) Close() error {
 	for _, s := range c.servers {
 		s.p.close()
+		s.mc.Close()
 	}
 	return nil
 }
@@ -97,13 +100,10 @@ func OneLine(errs []error) string {
 	return fmt.Sprintf("%d errors: %s", len(errs), strings.Join(parts, "; "))
 }
 
-// Ping checks every server with "version". The error names each server that
-// did not answer.
+// Ping checks every server with "version" (Server.Ping). The error names
+// each server that did not answer.
 func (c *Cluster) Ping(ctx context.Context) error {
-	return c.Each(ctx, func(ctx context.Context, s *Server) error {
-		_, err := s.Version(ctx)
-		return err
-	})
+	return c.Each(ctx, func(ctx context.Context, s *Server) error { return s.Ping(ctx) })
 }
 
 // FlushAll runs flush_all on every server.

@@ -1,8 +1,25 @@
 // Package memcache is keystone-fanout's client for the memcached servers of a
-// region: the few text-protocol commands an invalidator needs (lru_crawler
-// metadump, gets, delete, flush_all, version, stats), each bounded by a
-// context and Options.IOTimeout, over small per-server connection pools, with
-// optional TLS.
+// region. The key operations (gets, delete, set, flush_all, version as a
+// ping) go through github.com/bradfitz/gomemcache, one client per server
+// (TLS through its DialContext); this package's own protocol code covers only
+// what gomemcache lacks: "watch" (Server.Watch), "lru_crawler metadump" and
+// "mgdump" (Server.Crawl), "stats" and "version" (Server.Stats, Version,
+// Probe), over small per-server connection pools with the same TLS and
+// timeouts. Every call is bounded by Options.IOTimeout; this package's own
+// commands also by their context (gomemcache's take none: the context is
+// checked between commands).
+//
+// # Versions
+//
+// Deployments run memcached from 1.6.18 (Debian 12) to the current release.
+// Probe reports what differs (Features): "lru_crawler mgdump" from 1.6.19,
+// the "OK" line that opens every dump from 1.6.43 (Crawl accepts it from any
+// version), dumps disabled by -X, the text protocol refused by -S (SASL) or
+// -B binary, a login required by -Y. Crawl also accepts "NOTSTARTED" (nothing
+// to walk) and "ERROR locked try again later" (the hash table is growing:
+// retried like BUSY when it comes first, ErrCrawlIncomplete when it ends a
+// walk). Watch reports -W (ErrWatchRefused) and topics a version does not
+// know (ErrWatchTopicUnsupported: "deletions" is newer than 1.6.18).
 //
 // # Every server, no hashing
 //

@@ -1,4 +1,10 @@
 package memcache
 
-// ParseMetaLine exposes parseMetaLine to the tests.
-var ParseMetaLine = parseMetaLine
+// ParseMetaLine, ParseKeyLine, ParseWatchLine and VersionAtLeast expose the
+// parsers to the tests.
+var (
+	ParseMetaLine  = parseMetaLine
+	ParseKeyLine   = parseKeyLine
+	ParseWatchLine = parseWatchLine
+	VersionAtLeast = versionAtLeast
+)

@@ -3,9 +3,11 @@ package memcache
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"time"
 )
 
@@ -23,18 +25,46 @@ const (
 	// (items being read) and items that the LRU maintainer moves ahead of the
 	// crawler, so it can miss exactly the entries in active use.
 	CrawlLRU CrawlMode = "all"
+	// CrawlKeys walks the hash table like CrawlHash but lists keys only
+	// ("lru_crawler mgdump hash", memcached 1.6.19 and later): less for
+	// memcached to format and for us to parse, and no CAS, expiry or size
+	// (MetaItem.CAS is 0). Older servers answer ERROR
+	// (ErrCrawlModeUnsupported).
+	CrawlKeys CrawlMode = "keys"
 )
 
-// MetaItem is one line of a metadump.
+// command is the request line of a crawl mode.
+func (m CrawlMode) command() string {
+	switch m {
+	case CrawlHash:
+		return "lru_crawler metadump hash\r\n"
+	case CrawlLRU:
+		return "lru_crawler metadump all\r\n"
+	case CrawlKeys:
+		return "lru_crawler mgdump hash\r\n"
+	}
+	return ""
+}
+
+// end is the line that ends a successful crawl of the mode.
+func (m CrawlMode) end() string {
+	if m == CrawlKeys {
+		return "EN"
+	}
+	return "END"
+}
+
+// MetaItem is one line of a metadump (or of an mgdump: the key only).
 type MetaItem struct {
 	// Key is the URL-decoded key. It is only valid during the callback.
 	Key []byte
 	// Exp is the absolute expiry time in Unix seconds by the server's clock,
-	// -1 for an item that never expires.
+	// -1 for an item that never expires (and for an mgdump line).
 	Exp int64
 	// LastAccess is the last access time in Unix seconds.
 	LastAccess int64
-	// CAS is the item's CAS value: unique per stored version on this server.
+	// CAS is the item's CAS value: unique per stored version on this server
+	// (memcached never gives 0), 0 when unknown (mgdump).
 	CAS uint64
 	// Fetched says whether the item was read since it was stored.
 	Fetched bool
@@ -60,10 +90,25 @@ var (
 	// kept answering BUSY until the crawl's time ran out.
 	ErrCrawlerBusy = errors.New("lru_crawler stayed BUSY")
 	// ErrCrawlModeUnsupported is returned when the server does not know the
-	// requested mode (memcached older than 1.6.? answers BADCLASS to "hash").
-	ErrCrawlModeUnsupported = errors.New("metadump mode not supported by this memcached")
-	errAbort                = errors.New("crawl aborted by callback")
+	// requested mode (an old memcached answers BADCLASS to "metadump hash",
+	// memcached before 1.6.19 ERROR to "mgdump").
+	ErrCrawlModeUnsupported = errors.New("crawl mode not supported by this memcached")
+	// ErrDumpDisabled is returned by a server started with -X
+	// (--disable-dumping), which refuses every dump.
+	ErrDumpDisabled = errors.New("dumps disabled on this memcached (-X)")
+	// ErrCrawlerDisabled is returned by a server started with
+	// -o no_lru_crawler.
+	ErrCrawlerDisabled = errors.New("LRU crawler disabled on this memcached (-o no_lru_crawler)")
+	// ErrCrawlIncomplete is returned when memcached stopped a walk after
+	// listing part of it ("ERROR locked try again later" while its hash
+	// table grows, memcached 1.6.? and later): the items already delivered
+	// are not the whole server; crawl again.
+	ErrCrawlIncomplete = errors.New("memcached stopped the walk before its end")
+	errAbort           = errors.New("crawl aborted by callback")
 )
+
+// lockedAnswer is memcached's answer when its hash table is being expanded.
+const lockedAnswer = "ERROR locked try again later"
 
 // Crawl lists every item of the server with "lru_crawler metadump <mode>",
 // streaming: fn is called once per line as it is read, so memory does not
@@ -77,7 +122,8 @@ var (
 // that error is returned as is.
 func (s *Server) Crawl(ctx context.Context, mode CrawlMode, fn func(*MetaItem) error) (CrawlStats, error) {
 	st := CrawlStats{Mode: mode}
-	if mode != CrawlHash && mode != CrawlLRU {
+	cmd := mode.command()
+	if cmd == "" {
 		return st, &ServerError{Server: s.addr.Spec, Op: "metadump", Err: fmt.Errorf("unknown crawl mode %q", mode)}
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.p.opts.CrawlTimeout)
@@ -88,7 +134,6 @@ func (s *Server) Crawl(ctx context.Context, mode CrawlMode, fn func(*MetaItem) e
 
 	start := time.Now()
 	backoff := 2 * time.Millisecond
-	cmd := "lru_crawler metadump " + string(mode) + "\r\n"
 	var fnErr error
 	var busyLine string // memcached's last BUSY answer
 	for {
@@ -105,7 +150,7 @@ func (s *Server) Crawl(ctx context.Context, mode CrawlMode, fn func(*MetaItem) e
 			}
 			var it MetaItem
 			var keyBuf []byte
-			first := true
+			first, listed := true, 0
 			for {
 				// Only a read that may block needs a fresh deadline.
 				if c.r.Buffered() < 1024 {
@@ -117,27 +162,45 @@ func (s *Server) Crawl(ctx context.Context, mode CrawlMode, fn func(*MetaItem) e
 				if err != nil {
 					return err
 				}
-				if string(line) == "END" {
+				if string(line) == mode.end() {
 					return nil
 				}
 				if first {
 					first = false
 					switch {
-					case hasPrefix(line, "BUSY"):
+					case string(line) == "OK":
+						// memcached 1.6.43 and later open every dump with OK.
+						first = true
+						continue
+					case hasPrefix(line, "BUSY"), string(line) == lockedAnswer:
 						busy, busyLine = true, string(line)
 						return nil
-					case hasPrefix(line, "BADCLASS"):
-						return fmt.Errorf("%w: %q answered %q", ErrCrawlModeUnsupported, mode, truncate(line))
+					case hasPrefix(line, "NOTSTARTED"):
+						return nil // nothing to walk
+					case hasPrefix(line, "BADCLASS"), string(line) == "ERROR":
+						return fmt.Errorf("%w: %q answered %q", ErrCrawlModeUnsupported, strings.TrimSpace(cmd), truncate(line))
+					case hasPrefix(line, "ERROR") && bytes.HasSuffix(line, []byte("not allowed")):
+						return fmt.Errorf("%w: %w: %s", ErrDumpDisabled, ErrProtocol, truncate(line))
+					case string(line) == "CLIENT_ERROR lru crawler disabled":
+						return fmt.Errorf("%w: %w: %s", ErrCrawlerDisabled, ErrProtocol, truncate(line))
 					}
 				}
-				if err := replyError(line); err != nil {
-					return fmt.Errorf("%w (is the LRU crawler enabled and dumping allowed, i.e. no -X?)", err)
+				if string(line) == lockedAnswer {
+					return fmt.Errorf("%w after %d items: %q", ErrCrawlIncomplete, listed, lockedAnswer)
 				}
-				keyBuf, err = parseMetaLine(line, &it, keyBuf)
+				if err := replyError(line); err != nil {
+					return err
+				}
+				if mode == CrawlKeys {
+					keyBuf, err = parseKeyLine(line, &it, keyBuf)
+				} else {
+					keyBuf, err = parseMetaLine(line, &it, keyBuf)
+				}
 				if err != nil {
 					return err
 				}
 				st.Items++
+				listed++
 				if err := fn(&it); err != nil {
 					fnErr = err
 					return errAbort
@@ -173,6 +236,32 @@ func (s *Server) Crawl(ctx context.Context, mode CrawlMode, fn func(*MetaItem) e
 		}
 		backoff = min(backoff*2, 100*time.Millisecond)
 	}
+}
+
+// parseKeyLine parses an mgdump line, "mg <key>" or, for a binary key,
+// "mg <base64 of the key> b", into it (key only), decoding into buf.
+func parseKeyLine(line []byte, it *MetaItem, buf []byte) ([]byte, error) {
+	*it = MetaItem{Exp: -1}
+	rest, ok := bytes.CutPrefix(line, []byte("mg "))
+	if !ok || len(rest) == 0 {
+		return buf, fmt.Errorf("%w: mgdump line %q", ErrProtocol, truncate(line))
+	}
+	key, flags, _ := bytes.Cut(rest, []byte(" "))
+	if string(flags) == "b" {
+		n := base64.StdEncoding.DecodedLen(len(key))
+		if cap(buf) < n {
+			buf = make([]byte, n)
+		}
+		m, err := base64.StdEncoding.Decode(buf[:n], key)
+		if err != nil {
+			return buf, fmt.Errorf("%w: mgdump binary key %q is not base64", ErrProtocol, truncate(key))
+		}
+		it.Key = buf[:m]
+		return buf, nil
+	}
+	buf = append(buf[:0], key...)
+	it.Key = buf
+	return buf, nil
 }
 
 // parseMetaLine parses "key=<urlenc> exp=<n> la=<n> cas=<n> fetch=<yes|no>

@@ -5,19 +5,25 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	gomemcache "github.com/bradfitz/gomemcache/memcache"
 )
 
 // Server is one memcached server of a Cluster. Its methods are safe for
-// concurrent use; each call uses its own pooled connection and is bounded by
-// its context and Options.IOTimeout. Every error is a *ServerError naming the
-// server.
+// concurrent use. The key operations (Get, Delete, Set, FlushAll, Ping) go
+// through gomemcache, one client per server, each command bounded by
+// Options.IOTimeout; the commands gomemcache lacks (Version, Stats, Crawl,
+// Watch) use this package's own connections, bounded by their context and
+// Options.IOTimeout. Every error is a *ServerError naming the server.
 type Server struct {
 	addr Address
 	p    *pool
 	io   time.Duration
+	mc   *gomemcache.Client
 }
 
 // Addr returns the server address as configured.
@@ -89,232 +95,187 @@ type Item struct {
 	CAS   uint64
 }
 
-// Get fetches keys with one "gets" command (keys missing on the server are
-// simply not reported) and calls fn for each value found. Item.Value is only
-// valid during fn; copy it to keep it. An error from fn aborts the call and
-// is returned as is.
+// getBatch is how many keys one "gets" command (gomemcache's GetMulti)
+// carries.
+const getBatch = 100
+
+// Get fetches keys with "gets" commands of up to 100 keys (keys missing on
+// the server are simply not reported) and calls fn for each value found,
+// through gomemcache. An error from fn aborts the call and is returned as
+// is. gomemcache bounds each command by Options.IOTimeout and does not take
+// a context: ctx is checked between commands.
 func (s *Server) Get(ctx context.Context, keys []string, fn func(Item) error) error {
-	if len(keys) == 0 {
-		return nil
-	}
 	if err := checkKeys(keys); err != nil {
 		return &ServerError{Server: s.addr.Spec, Op: "get", Err: err}
 	}
-	var fnErr error
-	var buf []byte
-	err := s.p.with(ctx, "get", func(c *conn) error {
-		if err := c.extend(ctx, s.io); err != nil {
+	for start := 0; start < len(keys); start += getBatch {
+		if err := ctx.Err(); err != nil {
+			return &ServerError{Server: s.addr.Spec, Op: "get", Err: err}
+		}
+		var items map[string]*gomemcache.Item
+		err := s.once(func() (err error) {
+			items, err = s.mc.GetMulti(keys[start:min(start+getBatch, len(keys))])
 			return err
-		}
-		c.w.WriteString("gets")
-		for _, k := range keys {
-			c.w.WriteByte(' ')
-			c.w.WriteString(k)
-		}
-		c.w.WriteString("\r\n")
-		if err := c.w.Flush(); err != nil {
-			return err
-		}
-		for {
-			if err := c.extend(ctx, s.io); err != nil {
-				return err
-			}
-			line, err := c.readLine()
-			if err != nil {
-				return err
-			}
-			if string(line) == "END" {
-				return nil
-			}
-			if err := replyError(line); err != nil {
-				return err
-			}
-			it, size, err := parseValueLine(line)
-			if err != nil {
-				return err
-			}
-			if cap(buf) < size+2 {
-				buf = make([]byte, size+2)
-			}
-			buf = buf[:size+2]
-			if _, err := io.ReadFull(c.r, buf); err != nil {
-				return err
-			}
-			if buf[size] != '\r' || buf[size+1] != '\n' {
-				return fmt.Errorf("%w: value of %q not followed by CRLF", ErrProtocol, it.Key)
-			}
-			it.Value = buf[:size]
-			if fnErr == nil {
-				fnErr = fn(it)
-			}
-			// keep reading to END so that the connection stays usable
-		}
-	})
-	if err != nil {
-		return err
-	}
-	return fnErr
-}
-
-// parseValueLine parses "VALUE <key> <flags> <bytes> [<cas>]".
-func parseValueLine(line []byte) (Item, int, error) {
-	bad := func() (Item, int, error) {
-		return Item{}, 0, fmt.Errorf("%w: %q", ErrProtocol, truncate(line))
-	}
-	rest, ok := bytes.CutPrefix(line, []byte("VALUE "))
-	if !ok {
-		return bad()
-	}
-	f := bytes.Fields(rest)
-	if len(f) != 3 && len(f) != 4 {
-		return bad()
-	}
-	flags, err1 := strconv.ParseUint(string(f[1]), 10, 32)
-	size, err2 := strconv.Atoi(string(f[2]))
-	if err1 != nil || err2 != nil || size < 0 || size > 1<<30 {
-		return bad()
-	}
-	it := Item{Key: string(f[0]), Flags: uint32(flags)}
-	if len(f) == 4 {
-		cas, err := strconv.ParseUint(string(f[3]), 10, 64)
-		if err != nil {
-			return bad()
-		}
-		it.CAS = cas
-	}
-	return it, size, nil
-}
-
-// maxPipeline bounds how many commands are written before their replies are
-// read, so that neither side's socket buffer can fill up.
-const maxPipeline = 256
-
-// Delete deletes keys, pipelined, and reports for each key whether it was
-// there (DELETED) or not (NOT_FOUND). Deleting a missing key is not an error.
-func (s *Server) Delete(ctx context.Context, keys []string) ([]bool, error) {
-	if err := checkKeys(keys); err != nil {
-		return nil, &ServerError{Server: s.addr.Spec, Op: "delete", Err: err}
-	}
-	found := make([]bool, len(keys))
-	for start := 0; start < len(keys); start += maxPipeline {
-		chunk := keys[start:min(start+maxPipeline, len(keys))]
-		err := s.p.with(ctx, "delete", func(c *conn) error {
-			if err := c.extend(ctx, s.io); err != nil {
-				return err
-			}
-			for _, k := range chunk {
-				c.w.WriteString("delete ")
-				c.w.WriteString(k)
-				c.w.WriteString("\r\n")
-			}
-			if err := c.w.Flush(); err != nil {
-				return err
-			}
-			for i := range chunk {
-				if err := c.extend(ctx, s.io); err != nil {
-					return err
-				}
-				line, err := c.readLine()
-				if err != nil {
-					return err
-				}
-				switch string(line) {
-				case "DELETED":
-					found[start+i] = true
-				case "NOT_FOUND":
-				default:
-					if err := replyError(line); err != nil {
-						return err
-					}
-					return fmt.Errorf("%w: %q", ErrProtocol, truncate(line))
-				}
-			}
-			return nil
 		})
 		if err != nil {
-			return found, err
+			return s.keyError("get", err)
 		}
-	}
-	return found, nil
-}
-
-// Set stores items with the given time to live (whole seconds, at most 30
-// days; 0 means no expiry), pipelined. It exists for tests and benchmarks:
-// keystone-fanout itself never writes.
-func (s *Server) Set(ctx context.Context, items []Item, ttl time.Duration) error {
-	exp := int64(ttl / time.Second)
-	if exp < 0 || exp > 30*24*3600 {
-		return &ServerError{Server: s.addr.Spec, Op: "set", Err: fmt.Errorf("ttl %v out of range", ttl)}
-	}
-	for start := 0; start < len(items); start += maxPipeline {
-		chunk := items[start:min(start+maxPipeline, len(items))]
-		err := s.p.with(ctx, "set", func(c *conn) error {
-			if err := c.extend(ctx, s.io); err != nil {
+		for _, it := range items {
+			if err := fn(Item{Key: it.Key, Value: it.Value, Flags: it.Flags, CAS: it.CasID}); err != nil {
 				return err
 			}
-			for _, it := range chunk {
-				if !ValidKey(it.Key) {
-					return fmt.Errorf("invalid memcached key %q", it.Key)
-				}
-				fmt.Fprintf(c.w, "set %s %d %d %d\r\n", it.Key, it.Flags, exp, len(it.Value))
-				c.w.Write(it.Value)
-				c.w.WriteString("\r\n")
-			}
-			if err := c.w.Flush(); err != nil {
-				return err
-			}
-			for range chunk {
-				if err := c.extend(ctx, s.io); err != nil {
-					return err
-				}
-				line, err := c.readLine()
-				if err != nil {
-					return err
-				}
-				if string(line) != "STORED" {
-					if err := replyError(line); err != nil {
-						return err
-					}
-					return fmt.Errorf("%w: %q", ErrProtocol, truncate(line))
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			return err
 		}
 	}
 	return nil
 }
 
-// FlushAll invalidates every item on the server (flush_all).
-func (s *Server) FlushAll(ctx context.Context) error {
-	return s.simple(ctx, "flush_all", "flush_all\r\n", "OK")
+// keyParallelism is how many gomemcache operations run at once on one
+// server for Delete and Set: gomemcache sends one command per round trip,
+// so a few connections in parallel keep a long list of keys from costing a
+// round trip each in sequence.
+const keyParallelism = 8
+
+// each runs op(i) for i in [0, n) on up to keyParallelism goroutines and
+// returns the first error; no new op starts after an error or after ctx
+// ended.
+func (s *Server) each(ctx context.Context, opName string, n int, op func(i int) error) error {
+	var (
+		next  atomic.Int64
+		mu    sync.Mutex
+		first error
+		wg    sync.WaitGroup
+	)
+	fail := func(err error) {
+		mu.Lock()
+		if first == nil {
+			first = err
+		}
+		mu.Unlock()
+	}
+	failed := func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return first != nil
+	}
+	for range min(n, keyParallelism) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || failed() {
+					return
+				}
+				if err := ctx.Err(); err != nil {
+					fail(&ServerError{Server: s.addr.Spec, Op: opName, Err: err})
+					return
+				}
+				if err := op(i); err != nil {
+					fail(s.keyError(opName, err))
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return first
 }
 
-func (s *Server) simple(ctx context.Context, op, cmd, want string) error {
-	return s.p.with(ctx, op, func(c *conn) error {
-		if err := c.extend(ctx, s.io); err != nil {
+// Delete deletes keys through gomemcache, several at a time, and reports
+// for each key whether it was there (DELETED) or not (NOT_FOUND). Deleting
+// a missing key is not an error. After an error, keys not yet sent are
+// reported as not found.
+func (s *Server) Delete(ctx context.Context, keys []string) ([]bool, error) {
+	if err := checkKeys(keys); err != nil {
+		return nil, &ServerError{Server: s.addr.Spec, Op: "delete", Err: err}
+	}
+	found := make([]bool, len(keys))
+	err := s.each(ctx, "delete", len(keys), func(i int) error {
+		switch err := s.once(func() error { return s.mc.Delete(keys[i]) }); {
+		case err == nil:
+			found[i] = true
+		case errors.Is(err, gomemcache.ErrCacheMiss):
+		default:
 			return err
-		}
-		if _, err := c.w.WriteString(cmd); err != nil {
-			return err
-		}
-		if err := c.w.Flush(); err != nil {
-			return err
-		}
-		line, err := c.readLine()
-		if err != nil {
-			return err
-		}
-		if string(line) != want {
-			if err := replyError(line); err != nil {
-				return err
-			}
-			return fmt.Errorf("%w: %q", ErrProtocol, truncate(line))
 		}
 		return nil
 	})
+	return found, err
+}
+
+// Set stores items with the given time to live (whole seconds, at most 30
+// days; 0 means no expiry) through gomemcache, several at a time.
+// keystone-fanout itself writes only the heartbeat markers of its live index
+// (internal/tokencache); tests and benchmarks write entries with it.
+func (s *Server) Set(ctx context.Context, items []Item, ttl time.Duration) error {
+	exp := int64(ttl / time.Second)
+	if exp < 0 || exp > 30*24*3600 {
+		return &ServerError{Server: s.addr.Spec, Op: "set", Err: fmt.Errorf("ttl %v out of range", ttl)}
+	}
+	for _, it := range items {
+		if !ValidKey(it.Key) {
+			return &ServerError{Server: s.addr.Spec, Op: "set", Err: fmt.Errorf("invalid memcached key %q", it.Key)}
+		}
+	}
+	return s.each(ctx, "set", len(items), func(i int) error {
+		it := &gomemcache.Item{Key: items[i].Key, Value: items[i].Value, Flags: items[i].Flags, Expiration: int32(exp)}
+		return s.once(func() error { return s.mc.Set(it) })
+	})
+}
+
+// once runs a gomemcache operation and, when it failed on a connection the
+// server had closed, closes the other idle connections (likely closed too:
+// a restarted server) and runs it again on a new one. gomemcache reuses
+// idle connections without checking them. Every operation used here is
+// idempotent.
+func (s *Server) once(op func() error) error {
+	err := op()
+	if err != nil && isBrokenConn(err) {
+		s.mc.Close() // the client stays usable
+		err = op()
+	}
+	return err
+}
+
+// keyError wraps an error of a gomemcache operation.
+func (s *Server) keyError(op string, err error) error {
+	var se *ServerError
+	if errors.As(err, &se) {
+		return err
+	}
+	if errors.Is(err, gomemcache.ErrServerError) || errors.Is(err, gomemcache.ErrMalformedKey) ||
+		strings.HasPrefix(err.Error(), "memcache: unexpected") || strings.HasPrefix(err.Error(), "memcache: corrupt") {
+		err = fmt.Errorf("%w: %v", ErrProtocol, err)
+	}
+	var cte *gomemcache.ConnectTimeoutError
+	if errors.As(err, &cte) {
+		op += " (dial)"
+		err = fmt.Errorf("%w: %v", context.DeadlineExceeded, err)
+	}
+	return &ServerError{Server: s.addr.Spec, Op: op, Err: err}
+}
+
+// FlushAll invalidates every item on the server (flush_all), through
+// gomemcache.
+func (s *Server) FlushAll(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return &ServerError{Server: s.addr.Spec, Op: "flush_all", Err: err}
+	}
+	if err := s.once(s.mc.FlushAll); err != nil {
+		return s.keyError("flush_all", err)
+	}
+	return nil
+}
+
+// Ping checks that the server answers "version", through gomemcache.
+func (s *Server) Ping(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return &ServerError{Server: s.addr.Spec, Op: "version", Err: err}
+	}
+	if err := s.once(s.mc.Ping); err != nil {
+		return s.keyError("version", err)
+	}
+	return nil
 }
 
 // Stats runs "stats" or "stats <group>" (group "" for the general stats,

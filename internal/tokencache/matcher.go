@@ -2,6 +2,7 @@ package tokencache
 
 import (
 	"slices"
+	"time"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 )
@@ -10,9 +11,12 @@ import (
 // once per batch from the events' predicates (compile), with the clause ids
 // hashed like the entries' fields, and indexed by (field, hash) so that the
 // cost per entry does not grow with the number of events. It is read-only
-// once built and shared by the servers' workers.
+// once built and shared by the servers' crawls and by the live path, which
+// finds the entries to look at through the index's columns (candidates).
 type matcher struct {
 	events []event.Event
+	// wide: strategy Sweep, every event removes every token.
+	wide bool
 	// all is the first event that removes every token, -1 if none.
 	all int32
 
@@ -23,12 +27,14 @@ type matcher struct {
 	orRole    int32          // first event with a role clause (entries with unknown roles)
 	orAudit   int32          // first event with an audit clause (entries with unknown audit ids)
 
-	// Revocation events: every clause. Each is found through its first
-	// (most selective) clause.
-	revs      map[int32]*hpred
+	// Predicates with every clause to match and a time condition: the
+	// revocation events, and in a late matcher (see newLateMatcher) every
+	// event. Each is found through its first (most selective) clause; the
+	// slices below hold indexes into preds.
+	preds     []*hpred
 	revKeys   map[uint64][]int32
 	revBloom  uint64
-	revLinear []int32 // revocations without any id clause
+	revLinear []int32 // without an id clause to find them by
 	revRole   []int32 // anchored on a role: for entries with unknown roles
 	revAudit  []int32 // anchored on an audit id: for entries with unknown audit ids
 }
@@ -39,6 +45,7 @@ type hclause struct {
 }
 
 type hpred struct {
+	ev            int32 // the event it comes from
 	and           []hclause
 	hasIssued     bool
 	issuedBefore  int64 // Unix seconds, rounded down
@@ -57,20 +64,80 @@ func minEvent(a, b int32) int32 {
 	return a
 }
 
-func newMatcher(events []event.Event) *matcher {
-	m := &matcher{events: events, all: -1, orKeys: map[uint64]int32{}, orRole: -1, orAudit: -1,
-		revs: map[int32]*hpred{}, revKeys: map[uint64][]int32{}}
+// newMatcher compiles events. With wide (strategy Sweep) every event that
+// is not the poller's progress removes every token.
+func newMatcher(events []event.Event, wide bool) *matcher {
+	return compileMatcher(events, wide, false)
+}
+
+// issuedSkew is how much later than a notification's time a token may have
+// been issued and still be treated as issued before it: Keystone writes
+// issued_at to the second (rounded down) and its hosts' clocks differ.
+const issuedSkew = 2 * time.Second
+
+// newLateMatcher compiles the events of the recent window for the values
+// read after them (late write-backs). A token issued after a change is
+// validated after it, so its validation cannot be stale: a notification (or
+// an event that removes every token) concerns only the tokens issued before
+// its time plus issuedSkew, as a revocation event concerns only tokens
+// issued before its issued_before. Without its time, an event concerns
+// every token it names.
+func newLateMatcher(events []event.Event, wide bool) *matcher {
+	return compileMatcher(events, wide, true)
+}
+
+func compileMatcher(events []event.Event, wide, late bool) *matcher {
+	m := &matcher{events: events, wide: wide, all: -1, orKeys: map[uint64]int32{}, orRole: -1, orAudit: -1,
+		revKeys: map[uint64][]int32{}}
 	for f := range m.orPresent {
 		m.orPresent[f] = -1
 	}
+	addPred := func(hp *hpred) {
+		pi := int32(len(m.preds))
+		m.preds = append(m.preds, hp)
+		if len(hp.and) == 0 || hp.and[0].h == 0 {
+			m.revLinear = append(m.revLinear, pi)
+			return
+		}
+		anchor := hp.and[0]
+		for f := field(0); f < nFields; f++ {
+			if anchor.fields.has(f) {
+				k := key(f, anchor.h)
+				m.revKeys[k] = append(m.revKeys[k], pi)
+				m.revBloom |= bloomBit(k)
+			}
+		}
+		if anchor.fields.has(fRole) {
+			m.revRole = append(m.revRole, pi)
+		}
+		if anchor.fields.has(fAudit) || anchor.fields.has(fAuditAny) {
+			m.revAudit = append(m.revAudit, pi)
+		}
+	}
 	for i := range events {
 		idx := int32(i)
-		p := compile(&events[i])
+		e := &events[i]
+		p := compile(e)
+		if wide && e.Kind != event.KindPolled {
+			p = predicate{all: true}
+		}
+		if late && !p.revocation && !e.Time.IsZero() && (p.all || len(p.or) > 0) {
+			// Only the tokens issued before the event.
+			before := e.Time.Add(issuedSkew).Unix()
+			if p.all {
+				addPred(&hpred{ev: idx, hasIssued: true, issuedBefore: before})
+				continue
+			}
+			for _, c := range p.or {
+				addPred(&hpred{ev: idx, hasIssued: true, issuedBefore: before, and: []hclause{{c.fields, hash32(c.id)}}})
+			}
+			continue
+		}
 		switch {
 		case p.all:
 			m.all = minEvent(m.all, idx)
 		case p.revocation:
-			hp := &hpred{}
+			hp := &hpred{ev: idx}
 			if !p.issuedBefore.IsZero() {
 				hp.hasIssued, hp.issuedBefore = true, p.issuedBefore.Unix()
 			}
@@ -80,25 +147,7 @@ func newMatcher(events []event.Event) *matcher {
 			for _, c := range p.and {
 				hp.and = append(hp.and, hclause{c.fields, hash32(c.id)})
 			}
-			m.revs[idx] = hp
-			if len(hp.and) == 0 {
-				m.revLinear = append(m.revLinear, idx)
-				continue
-			}
-			anchor := hp.and[0]
-			for f := field(0); f < nFields; f++ {
-				if anchor.fields.has(f) {
-					k := key(f, anchor.h)
-					m.revKeys[k] = append(m.revKeys[k], idx)
-					m.revBloom |= bloomBit(k)
-				}
-			}
-			if anchor.fields.has(fRole) {
-				m.revRole = append(m.revRole, idx)
-			}
-			if anchor.fields.has(fAudit) || anchor.fields.has(fAuditAny) {
-				m.revAudit = append(m.revAudit, idx)
-			}
+			addPred(hp)
 		default:
 			for _, c := range p.or {
 				h := hash32(c.id)
@@ -132,6 +181,8 @@ func newMatcher(events []event.Event) *matcher {
 func (m *matcher) reason(i int32) string {
 	e := &m.events[i]
 	switch {
+	case m.wide:
+		return "sweep"
 	case e.Unbounded():
 		return "unbounded"
 	case e.Kind == event.KindRevocation:
@@ -150,11 +201,11 @@ func entryKeys(ix *serverIndex, en *entry, buf []uint64) []uint64 {
 		}
 	}
 	if en.roles != roleSetUnknown {
-		for _, r := range ix.roles.set(en.roles) {
+		for _, r := range ix.roleSets.set(en.roles) {
 			buf = append(buf, key(fRole, r))
 		}
 	}
-	if en.flags&auditUnknown == 0 {
+	if en.meta&auditUnknown == 0 {
 		if en.audit != 0 {
 			buf = append(buf, key(fAudit, en.audit), key(fAuditAny, en.audit))
 		}
@@ -192,18 +243,19 @@ func (m *matcher) match(ix *serverIndex, en *entry, buf []uint64) (int32, []uint
 	} else if m.orPresent[fRole] >= 0 && en.roles != 0 {
 		best = minEvent(best, m.orPresent[fRole])
 	}
-	if en.flags&auditUnknown != 0 {
+	if en.meta&auditUnknown != 0 {
 		best = minEvent(best, m.orAudit)
 	} else if en.audit != 0 {
 		best = minEvent(best, m.orPresent[fAudit])
 		best = minEvent(best, m.orPresent[fAuditAny])
 	}
-	if best >= 0 || len(m.revs) == 0 {
+	if best >= 0 || len(m.preds) == 0 {
 		return best, buf
 	}
-	check := func(i int32) {
-		if (best < 0 || i < best) && m.revs[i].matchEntry(ix, en) {
-			best = i
+	check := func(pi int32) {
+		p := m.preds[pi]
+		if (best < 0 || p.ev < best) && p.matchEntry(ix, en) {
+			best = p.ev
 		}
 	}
 	if m.revBloom != 0 {
@@ -223,7 +275,7 @@ func (m *matcher) match(ix *serverIndex, en *entry, buf []uint64) (int32, []uint
 			check(i)
 		}
 	}
-	if en.flags&auditUnknown != 0 {
+	if en.meta&auditUnknown != 0 {
 		for _, i := range m.revAudit {
 			check(i)
 		}
@@ -256,7 +308,7 @@ func (c *hclause) matchEntry(ix *serverIndex, en *entry) bool {
 			if en.roles == roleSetUnknown {
 				return true
 			}
-			set := ix.roles.set(en.roles)
+			set := ix.roleSets.set(en.roles)
 			if c.h == 0 && len(set) > 0 {
 				return true
 			}
@@ -264,7 +316,7 @@ func (c *hclause) matchEntry(ix *serverIndex, en *entry) bool {
 				return true
 			}
 		case fAudit, fAuditAny:
-			if en.flags&auditUnknown != 0 {
+			if en.meta&auditUnknown != 0 {
 				return true
 			}
 			if c.h == 0 && en.audit != 0 || c.h != 0 && en.audit == c.h {
@@ -281,4 +333,65 @@ func (c *hclause) matchEntry(ix *serverIndex, en *entry) bool {
 		}
 	}
 	return false
+}
+
+// none reports whether m cannot match anything (every event is the poller's
+// progress, or there is none).
+func (m *matcher) none() bool {
+	if m.all >= 0 || len(m.orKeys) > 0 || len(m.preds) > 0 {
+		return false
+	}
+	for _, i := range m.orPresent {
+		if i >= 0 {
+			return false
+		}
+	}
+	return m.orRole < 0 && m.orAudit < 0
+}
+
+// candidates returns the slots of ix that an event of m may concern, found
+// through the index's columns, in set (emptied first, its memory reused);
+// every slot returned must still be checked with match. all is true when m
+// must look at every entry: an event that removes every token, a presence
+// clause ("every project-scoped token"), a revocation event without an id
+// clause. Entries removed for every event (ix.forEvery) are not included.
+func (m *matcher) candidates(ix *serverIndex, set slotSet) (_ slotSet, all bool) {
+	set = set[:0]
+	if m.all >= 0 || len(m.revLinear) > 0 {
+		return set, true
+	}
+	for _, i := range m.orPresent {
+		if i >= 0 {
+			return set, true
+		}
+	}
+	add := func(slot uint32) { set.add(slot) }
+	// One scan per field for all the ids the batch looks for in it.
+	var byField [nFields][]uint32
+	for k := range m.orKeys {
+		byField[field(k>>32)] = append(byField[field(k>>32)], uint32(k))
+	}
+	for k := range m.revKeys {
+		byField[field(k>>32)] = append(byField[field(k>>32)], uint32(k))
+	}
+	for f, hs := range byField {
+		if len(hs) > 0 {
+			ix.scanAny(field(f), hs, add)
+		}
+	}
+	if m.orRole >= 0 || len(m.revRole) > 0 {
+		for slot, id := range ix.roles {
+			if id == roleSetUnknown && ix.keys[slot] != (binKey{}) {
+				set.add(uint32(slot))
+			}
+		}
+	}
+	if m.orAudit >= 0 || len(m.revAudit) > 0 {
+		for slot, meta := range ix.meta {
+			if meta&auditUnknown != 0 && ix.keys[slot] != (binKey{}) {
+				set.add(uint32(slot))
+			}
+		}
+	}
+	return set, false
 }

@@ -2,10 +2,12 @@ package tokencache
 
 import (
 	"bytes"
+	"compress/zlib"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 )
 
@@ -88,41 +90,64 @@ func (t *Token) HasRole(id string) bool {
 // foreign values. Such entries are removed for every event.
 var ErrUnreadable = errors.New("unreadable token cache value")
 
-// ErrEncrypted is ParseValue's error for a value written with
-// memcache_security_strategy ENCRYPT; it wraps ErrUnreadable.
+// ErrEncrypted wraps ErrUnreadable for values of memcache_security_strategy
+// ENCRYPT.
 var ErrEncrypted = fmt.Errorf("%w: encrypted (memcache_security_strategy ENCRYPT)", ErrUnreadable)
 
-// python-memcache flags: only plain bytes (0) and text (16) hold the
-// middleware's JSON as is.
+// Item flags of the middleware's memcached clients. python-memcache (the
+// default) and python-binary-memcached (used by newer keystonemiddleware
+// releases when memcache_tls_enabled or memcache_sasl_enabled is set) share
+// the bit layout: 1 pickled, 2 int, 4 long, 8 compressed with zlib, 16 text
+// (python-memcache) or bytes (python-binary-memcached). The middleware
+// stores bytes: flags 0 with python-memcache, 16 with
+// python-binary-memcached, which also compresses every value longer than
+// 128 bytes that zlib makes smaller (flags 24).
 const (
-	flagText     = 1 << 4
-	macB64Length = 64 // base64 of an HMAC-SHA384 digest
+	flagPickle     = 1 << 0
+	flagInt        = 1 << 1
+	flagLong       = 1 << 2
+	flagCompressed = 1 << 3
+	flagText       = 1 << 4
+	macB64Length   = 64 // base64 of an HMAC-SHA384 digest
+	// maxInflated bounds a decompressed value (a token with a large
+	// catalog is tens of kilobytes).
+	maxInflated = 16 << 20
 )
 
 // ParseValue reads a cached validation written under a key of kind kind
-// (see KindOf) with python-memcache flags flags:
+// (see KindOf) with item flags flags (0 or 16; with 8 the value is first
+// inflated with zlib, as python-binary-memcached compresses it):
 //
 //   - KeyNone: UTF-8 JSON {"token": {...}}, the middleware's json.dumps of the
 //     validation (the token body plus "version" and "auth_token").
 //   - KeySecure: 64 characters of base64 MAC, then base64 of that JSON (MAC:
 //     readable without the secret, the MAC is not checked) or of IV + AES
-//     ciphertext (ENCRYPT: unreadable).
+//     ciphertext (ENCRYPT: unreadable, ErrEncrypted).
 //
 // The error wraps ErrUnreadable when the value cannot be read, including a
-// body without a user id.
+// body without a user id and a pickled or numeric value.
 func ParseValue(kind KeyKind, flags uint32, value []byte) (Token, error) {
 	var p valueParser
 	return p.parse(kind, flags, value)
 }
 
-// valueParser keeps buffers across values (one per worker).
+// valueParser keeps buffers across values (one per server).
 type valueParser struct {
 	dec, small []byte
+	inflated   bytes.Buffer
+	zr         io.ReadCloser
 }
 
 func (p *valueParser) parse(kind KeyKind, flags uint32, value []byte) (Token, error) {
-	if flags != 0 && flags != flagText {
-		return Token{}, fmt.Errorf("%w: python-memcache flags %d (pickled or compressed)", ErrUnreadable, flags)
+	if flags&^(flagCompressed|flagText) != 0 {
+		return Token{}, fmt.Errorf("%w: item flags %d (pickled or numeric)", ErrUnreadable, flags)
+	}
+	if flags&flagCompressed != 0 {
+		v, err := p.inflate(value)
+		if err != nil {
+			return Token{}, fmt.Errorf("%w: item flags %d but not zlib data: %v", ErrUnreadable, flags, err)
+		}
+		value = v
 	}
 	data := value
 	switch kind {
@@ -147,6 +172,29 @@ func (p *valueParser) parse(kind KeyKind, flags uint32, value []byte) (Token, er
 		return Token{}, fmt.Errorf("%w: not a token key", ErrUnreadable)
 	}
 	return p.parseJSON(data)
+}
+
+// inflate decompresses a zlib value (python's zlib.compress) into a buffer
+// reused for the next value.
+func (p *valueParser) inflate(value []byte) ([]byte, error) {
+	var err error
+	if p.zr == nil {
+		p.zr, err = zlib.NewReader(bytes.NewReader(value))
+	} else {
+		err = p.zr.(zlib.Resetter).Reset(bytes.NewReader(value), nil)
+	}
+	if err != nil {
+		return nil, err
+	}
+	p.inflated.Reset()
+	n, err := p.inflated.ReadFrom(io.LimitReader(p.zr, maxInflated+1))
+	if err != nil {
+		return nil, err
+	}
+	if n > maxInflated {
+		return nil, fmt.Errorf("more than %d bytes", maxInflated)
+	}
+	return p.inflated.Bytes(), nil
 }
 
 func looksLikeJSONObject(b []byte) bool {

@@ -2,6 +2,8 @@ package tokencache
 
 import (
 	"crypto/rand"
+	"maps"
+	"slices"
 
 	"encoding/base64"
 	"errors"
@@ -167,7 +169,7 @@ func TestMatcherAgreesWithAffects(t *testing.T) {
 	ix := newServerIndex(-1)
 	entries := map[string]entry{}
 	for name, tok := range toks {
-		entries[name] = ix.makeEntry(1, 1, &tok, false)
+		entries[name] = ix.makeEntry(1, 0, &tok, stateReadable)
 	}
 	exact := func(tok Token) bool {
 		return tok.IssuedAt.Equal(tok.IssuedAt.Truncate(time.Second)) && len(tok.AuditIDs) <= 2
@@ -179,7 +181,7 @@ func TestMatcherAgreesWithAffects(t *testing.T) {
 		if !compile(&tc.event).all {
 			bounded = append(bounded, tc.event)
 		}
-		m := newMatcher([]event.Event{tc.event})
+		m := newMatcher([]event.Event{tc.event}, false)
 		for name, tok := range toks {
 			e := entries[name]
 			var got int32
@@ -190,7 +192,7 @@ func TestMatcherAgreesWithAffects(t *testing.T) {
 			}
 		}
 	}
-	m := newMatcher(bounded)
+	m := newMatcher(bounded, false)
 	for name, tok := range toks {
 		if !exact(tok) {
 			continue
@@ -207,7 +209,7 @@ func TestMatcherAgreesWithAffects(t *testing.T) {
 			t.Errorf("batch of every bounded case / %s: first matching event %d, want %d", name, got, want)
 		}
 	}
-	widened := newMatcher(append(bounded, event.Event{Version: 1, Kind: event.KindNotification, Type: "identity.group.deleted", GroupID: "g"}))
+	widened := newMatcher(append(bounded, event.Event{Version: 1, Kind: event.KindNotification, Type: "identity.group.deleted", GroupID: "g"}), false)
 	for name := range toks {
 		e := entries[name]
 		if got, _ := widened.match(ix, &e, nil); got != int32(len(bounded)) {
@@ -218,14 +220,14 @@ func TestMatcherAgreesWithAffects(t *testing.T) {
 
 func TestUnknownRolesAndAuditsMatch(t *testing.T) {
 	ix := newServerIndex(-1)
-	e := entry{state: stateReadable, roles: roleSetUnknown, flags: auditUnknown}
+	e := entry{meta: stateReadable | auditUnknown, roles: roleSetUnknown}
 	for _, ev := range []event.Event{
 		{Version: 1, Kind: event.KindNotification, ID: "r", Type: "identity.role.updated", RoleID: "r1"},
 		{Version: 1, Kind: event.KindRevocation, ID: "a", Type: "revocation", Revocation: &event.Revocation{AuditID: "a1"}},
 		{Version: 1, Kind: event.KindRevocation, ID: "c", Type: "revocation", Revocation: &event.Revocation{AuditChainID: "a1"}},
 		{Version: 1, Kind: event.KindRevocation, ID: "r2", Type: "revocation", Revocation: &event.Revocation{RoleID: "r1"}},
 	} {
-		if i, _ := newMatcher([]event.Event{ev}).match(ix, &e, nil); i != 0 {
+		if i, _ := newMatcher([]event.Event{ev}, false).match(ix, &e, nil); i != 0 {
 			t.Errorf("event %s does not match an entry whose roles and audit ids are unknown", ev.ID)
 		}
 	}
@@ -262,49 +264,118 @@ func TestRoleSets(t *testing.T) {
 	}
 }
 
-func TestIndexRelayout(t *testing.T) {
+// TestCandidatesAgreeWithMatch checks the live path's search through the
+// index's columns: for every rule case, and for all of them in one batch,
+// the entries found through matcher.candidates and then matched are exactly
+// those that matching every entry finds. Entries removed from the index are
+// never found again.
+func TestCandidatesAgreeWithMatch(t *testing.T) {
+	toks := ruleTokens()
+	toks["many-audit-ids"] = Token{UserID: "u8", AuditIDs: []string{"x", "y", "z"}, IssuedAt: t0.Truncate(time.Second)}
 	ix := newServerIndex(-1)
-	var keys []binKey
-	for i := range 50 {
+	names := map[uint32]string{}
+	i := 0
+	for name, tok := range toks {
 		var k binKey
-		k[0] = byte(KeyNone)
-		k[1], k[2] = byte(i), byte(i>>8)
-		keys = append(keys, k)
-		ix.put(k, entry{cas: uint64(i + 1)})
+		k[0], k[1], k[2] = byte(KeyNone), byte(i), byte(i>>8)
+		i++
+		ix.put(k, ix.makeEntry(uint64(i), 0, &tok, stateReadable))
+		slot, _ := ix.lookup(k)
+		names[slot] = name
 	}
-	ix.remove(keys[7])
-	// The listing order is the reverse of the insertion order.
-	var order []uint32
-	for i := len(keys) - 1; i >= 0; i-- {
-		if slot, ok := ix.lookup(keys[i], ^uint32(0)); ok {
-			order = append(order, slot)
-		}
-	}
-	ix.relayout(order[:40]) // the last entries were not listed: kept after
-	if ix.len() != 49 {
-		t.Fatalf("%d entries after relayout, want 49", ix.len())
-	}
-	for i, k := range keys {
-		e, ok := ix.get(k)
-		if i == 7 {
-			if ok {
-				t.Fatal("a removed entry came back")
+	// A removed entry that matched every rule it could.
+	var gone binKey
+	gone[0], gone[1] = byte(KeyNone), 0xff
+	tok := toks[slices.Sorted(maps.Keys(toks))[0]]
+	ix.put(gone, ix.makeEntry(99, 0, &tok, stateReadable))
+	ix.remove(gone)
+	check := func(name string, m *matcher) {
+		t.Helper()
+		var want, got []string
+		ix.each(func(slot uint32) {
+			e := ix.entry(slot)
+			if i, _ := m.match(ix, &e, nil); i >= 0 {
+				want = append(want, names[slot])
 			}
-			continue
+		})
+		set, all := m.candidates(ix, nil)
+		visit := func(slot uint32) {
+			e := ix.entry(slot)
+			if i, _ := m.match(ix, &e, nil); i >= 0 {
+				got = append(got, names[slot])
+			}
 		}
-		if !ok || e.cas != uint64(i+1) {
-			t.Fatalf("entry %d lost or changed: %+v %v", i, e, ok)
+		if all {
+			ix.each(visit)
+		} else {
+			set.each(visit)
+		}
+		slices.Sort(want)
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Errorf("%s: through the columns %v, matching every entry %v", name, got, want)
 		}
 	}
-	next := uint32(0)
-	for i := len(keys) - 1; i >= 0 && next < 40; i-- {
-		if i == 7 {
-			continue
+	var bounded []event.Event
+	for _, tc := range ruleCases() {
+		check(tc.name, newMatcher([]event.Event{tc.event}, false))
+		if !compile(&tc.event).all {
+			bounded = append(bounded, tc.event)
 		}
-		slot, ok := ix.lookup(keys[i], next)
-		if !ok || slot != next {
-			t.Fatalf("after relayout entry %d is in slot %d, want %d", i, slot, next)
-		}
-		next++
+	}
+	check("every bounded case in one batch", newMatcher(bounded, false))
+}
+
+// TestLateMatcherOnlyTokensIssuedBefore checks the matcher of the recent
+// window: a notification concerns the tokens it names that were issued
+// before its time (plus issuedSkew), because a token issued after the change
+// is validated after it; a revocation event keeps its own issued_before; an
+// event without a time concerns every token it names.
+func TestLateMatcherOnlyTokensIssuedBefore(t *testing.T) {
+	changed := time.Date(2026, 11, 22, 13, 0, 0, 0, time.UTC)
+	user := event.Event{Version: 1, Kind: event.KindNotification, ID: "u", Type: "identity.user.updated", UserID: "u1", Time: changed}
+	untimed := user
+	untimed.ID, untimed.Time = "u-untimed", time.Time{}
+	unbounded := event.Event{Version: 1, Kind: event.KindNotification, ID: "g", Type: "identity.group.deleted", GroupID: "g1", Time: changed}
+	revocation := event.Event{Version: 1, Kind: event.KindRevocation, ID: "r", Type: "revocation", Time: changed.Add(time.Hour),
+		Revocation: &event.Revocation{UserID: "u2", IssuedBefore: changed}}
+	ix := newServerIndex(-1)
+	tok := func(user string, issued time.Time) entry {
+		tk := Token{UserID: user, IssuedAt: issued}
+		return ix.makeEntry(1, 0, &tk, stateReadable)
+	}
+	cases := []struct {
+		name  string
+		ev    event.Event
+		entry entry
+		want  bool
+	}{
+		{"notification: the user's token issued before", user, tok("u1", changed.Add(-time.Minute)), true},
+		{"notification: issued in the same second", user, tok("u1", changed), true},
+		{"notification: issued within the clock skew after", user, tok("u1", changed.Add(issuedSkew)), true},
+		{"notification: issued after", user, tok("u1", changed.Add(issuedSkew+time.Second)), false},
+		{"notification: issued at an unknown time", user, tok("u1", time.Time{}), true},
+		{"notification: another user's token issued before", user, tok("u9", changed.Add(-time.Minute)), false},
+		{"notification without a time: the user's token issued after", untimed, tok("u1", changed.Add(time.Hour)), true},
+		{"unbounded: any token issued before", unbounded, tok("u9", changed.Add(-time.Minute)), true},
+		{"unbounded: a token issued after", unbounded, tok("u9", changed.Add(time.Minute)), false},
+		{"revocation: issued before issued_before", revocation, tok("u2", changed.Add(-time.Second)), true},
+		{"revocation: issued after issued_before", revocation, tok("u2", changed.Add(time.Second)), false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := tc.entry
+			if i, _ := newLateMatcher([]event.Event{tc.ev}, false).match(ix, &e, nil); (i >= 0) != tc.want {
+				t.Fatalf("late matcher: matched %v, want %v", i >= 0, tc.want)
+			}
+		})
+	}
+	// Two events for the same user: the later one concerns the tokens
+	// issued between them.
+	later := user
+	later.ID, later.Time = "u-later", changed.Add(time.Hour)
+	e := tok("u1", changed.Add(time.Minute))
+	if i, _ := newLateMatcher([]event.Event{user, later}, false).match(ix, &e, nil); i != 1 {
+		t.Fatalf("late matcher of two events: matched event %d, want 1 (the later one)", i)
 	}
 }

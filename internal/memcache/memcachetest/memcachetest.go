@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,6 +40,9 @@ type Options struct {
 	TLS bool
 	// Args are extra memcached arguments.
 	Args []string
+	// Env are extra environment variables ("NAME=value") of the process,
+	// for example SASL_CONF_PATH for a server started with -S.
+	Env []string
 }
 
 // Server is one memcached process.
@@ -51,6 +55,7 @@ type Server struct {
 	t        testing.TB
 	args     []string
 	portFile string
+	env      []string
 	mu       sync.Mutex
 	cmd      *exec.Cmd
 	done     chan struct{}
@@ -76,7 +81,7 @@ func StartWith(t testing.TB, n int, o Options) []*Server {
 	}
 	out := make([]*Server, 0, n)
 	for range n {
-		s := &Server{t: t, CAFile: caFile, portFile: filepath.Join(t.TempDir(), "ports")}
+		s := &Server{t: t, CAFile: caFile, portFile: filepath.Join(t.TempDir(), "ports"), env: o.Env}
 		s.args = []string{"-l", "127.0.0.1", "-U", "0", "-m", strconv.Itoa(o.MemoryMB), "-c", "1024", "-t", "2"}
 		if os.Geteuid() == 0 {
 			s.args = append(s.args, "-u", "root")
@@ -122,7 +127,7 @@ func (s *Server) start() error {
 	}
 	_ = os.Remove(s.portFile)
 	cmd := exec.Command(Binary, append([]string{"-p", port}, s.args...)...)
-	cmd.Env = append(os.Environ(), "MEMCACHED_PORT_FILENAME="+s.portFile)
+	cmd.Env = append(append(os.Environ(), s.env...), "MEMCACHED_PORT_FILENAME="+s.portFile)
 	var stderr bytes.Buffer
 	cmd.Stdout = &stderr
 	cmd.Stderr = &stderr
@@ -141,7 +146,7 @@ func (s *Server) start() error {
 		if s.Addr == "" {
 			s.Addr = boundAddr(s.portFile)
 		}
-		if s.Addr != "" && ping(s.Addr, s.CAFile != "") == nil {
+		if s.Addr != "" && ping(s.Addr, s.CAFile != "" || slices.Contains(s.args, "-S") || slices.Contains(s.args, "-B")) == nil {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -170,14 +175,15 @@ func boundAddr(portFile string) string {
 	return ""
 }
 
-// ping connects and runs "version" (for TLS servers only a TCP connect).
-func ping(addr string, tlsOn bool) error {
+// ping connects and runs "version" (for TLS, SASL or binary-only servers
+// only a TCP connect).
+func ping(addr string, connectOnly bool) error {
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if tlsOn {
+	if connectOnly {
 		return nil
 	}
 	c.SetDeadline(time.Now().Add(time.Second))
@@ -241,6 +247,16 @@ func (s *Server) signal(sig syscall.Signal) {
 	if err := s.cmd.Process.Signal(sig); err != nil {
 		s.t.Fatalf("memcachetest: signalling %s: %v", s.Addr, err)
 	}
+}
+
+// PID returns the process id of the running server, 0 when it is stopped.
+func (s *Server) PID() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
 }
 
 // Running reports whether the process is running.

@@ -11,10 +11,18 @@ on stdin, one answer per line on stdout:
 The first line configures the cache:
 
   {"servers": ["127.0.0.1:11211"], "strategy": "None"|"MAC"|"ENCRYPT",
-   "secret": "...", "cache_time": 300}
+   "secret": "...", "cache_time": 300,
+   "client": "python-memcache"|"python-binary-memcached", "tls_ca": "..."}
+
+"client" python-binary-memcached stores through oslo.cache's
+BMemcacheClientPool, as keystonemiddleware releases newer than Debian's do
+when memcache_tls_enabled or memcache_sasl_enabled is set; "tls_ca" then
+turns TLS on with that CA.
 """
+import contextlib
 import json
 import logging
+import ssl
 import sys
 
 from keystoneclient import access
@@ -42,11 +50,34 @@ def make_cache(cfg):
     else:
         cache = _cache.TokenCache(log, **kwargs)
     cache.initialize({})
+    if cfg.get("client") == "python-binary-memcached":
+        cache._cache_pool = _BinaryPool(cfg)
     return cache
+
+
+class _BinaryPool(object):
+    """The pool newer keystonemiddleware releases build with tls_enabled."""
+
+    def __init__(self, cfg):
+        from oslo_cache import _bmemcache_pool
+        tls_context = None
+        if cfg.get("tls_ca"):
+            tls_context = ssl.create_default_context(cafile=cfg["tls_ca"])
+        self._pool = _bmemcache_pool.BMemcacheClientPool(
+            cfg["servers"],
+            {"username": None, "password": None, "tls_context": tls_context},
+            maxsize=10, unused_timeout=60, conn_get_timeout=10)
+
+    @contextlib.contextmanager
+    def reserve(self):
+        with self._pool.acquire() as client:
+            yield client
 
 
 def server_for(cache, key):
     """The server python-memcache picks for key (what set() used)."""
+    if isinstance(cache._cache_pool, _BinaryPool):
+        return "*"  # python-binary-memcached writes to every server
     with cache._cache_pool.reserve() as client:
         server, _ = client._get_server(client._encode_key(key))
         if server is None:

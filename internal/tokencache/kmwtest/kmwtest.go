@@ -56,7 +56,8 @@ type Written struct {
 	TokenID string
 	// Key is the memcached key the middleware used.
 	Key string
-	// Server is the "host:port" python-memcache chose.
+	// Server is the "host:port" python-memcache chose ("*" for
+	// python-binary-memcached, which writes to every server).
 	Server string
 	// Stored says whether the middleware could read the entry back.
 	Stored bool
@@ -78,6 +79,41 @@ type Cache struct {
 // process ends with the test. cacheTime is token_cache_time; 0 means 300 s.
 func Start(t testing.TB, servers []string, strategy Strategy, secret string, cacheTime time.Duration) *Cache {
 	t.Helper()
+	return StartWith(t, Options{Servers: servers, Strategy: strategy, Secret: secret, CacheTime: cacheTime})
+}
+
+// Client is the memcached client library the middleware stores through.
+type Client string
+
+const (
+	// PythonMemcache is python-memcache, keystonemiddleware's default.
+	PythonMemcache Client = "python-memcache"
+	// BinaryMemcached is python-binary-memcached (Debian's
+	// python3-binary-memcached, through oslo.cache's BMemcacheClientPool),
+	// which newer keystonemiddleware releases use when
+	// memcache_tls_enabled or memcache_sasl_enabled is set. It stores the
+	// middleware's bytes with flags 16, zlib-compressed with flags 24 when
+	// longer than 128 bytes, and writes every entry to every server.
+	BinaryMemcached Client = "python-binary-memcached"
+)
+
+// Options configure StartWith.
+type Options struct {
+	Servers  []string
+	Strategy Strategy
+	Secret   string
+	// CacheTime is token_cache_time; 0 means 300 s.
+	CacheTime time.Duration
+	// Client is the memcached library; default PythonMemcache.
+	Client Client
+	// TLSCA is a CA file: TLS towards memcached (BinaryMemcached only).
+	TLSCA string
+}
+
+// StartWith runs the middleware's cache as o says; see Start.
+func StartWith(t testing.TB, o Options) *Cache {
+	t.Helper()
+	servers, strategy, secret, cacheTime := o.Servers, o.Strategy, o.Secret, o.CacheTime
 	if _, err := os.Stat(Python); err != nil {
 		t.Fatalf("kmwtest: %s is required (Debian python3 with python3-keystonemiddleware): %v", Python, err)
 	}
@@ -102,7 +138,7 @@ func Start(t testing.TB, servers []string, strategy Strategy, secret string, cac
 	c := &Cache{t: t, cmd: cmd, in: in, out: bufio.NewReaderSize(outPipe, 1<<20), stderr: &stderr}
 	t.Cleanup(c.close)
 	cfg := map[string]any{"servers": servers, "strategy": string(strategy), "secret": secret,
-		"cache_time": int(cacheTime / time.Second)}
+		"cache_time": int(cacheTime / time.Second), "client": string(o.Client), "tls_ca": o.TLSCA}
 	var ready struct{ Ready bool }
 	if err := c.roundTrip(cfg, &ready); err != nil || !ready.Ready {
 		t.Fatalf("kmwtest: middleware cache did not start: %v\n%s", err, stderr.String())

@@ -2,8 +2,10 @@ package kmwtest_test
 
 import (
 	"bytes"
+	"compress/zlib"
 	"context"
 	"encoding/json"
+	"io"
 	"strings"
 	"testing"
 	"time"
@@ -138,6 +140,71 @@ func TestSecureStrategiesKeyShape(t *testing.T) {
 			}
 			if got := kmwtest.Read(t, memcachetest.Addrs(servers), st, "other-secret", []string{e.TokenID}); got[e.TokenID] != nil {
 				t.Fatalf("middleware read a %s entry with the wrong secret", st)
+			}
+		})
+	}
+}
+
+// TestBinaryMemcachedFormat checks what the middleware stores through
+// python-binary-memcached, over TLS as a region with memcache_tls_enabled
+// does: the same key and, once inflated, the same bytes as through
+// python-memcache, with flags 16 (bytes), plus 8 (zlib) for a value longer
+// than 128 bytes that zlib makes smaller, on every server; the middleware
+// reads its entries back.
+func TestBinaryMemcachedFormat(t *testing.T) {
+	servers := memcachetest.StartWith(t, 2, memcachetest.Options{TLS: true})
+	c, err := memcache.New(memcache.Options{Servers: memcachetest.List(servers),
+		TLS: memcache.TLSOptions{Enabled: true, CAFile: servers[0].CAFile}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	plain := memcachetest.Start(t, 1)
+	g := kmwtest.NewGen(3)
+	user, domain := g.ID(), g.ID()
+	e := g.Entry(kmwtest.Spec{UserID: user, UserDomainID: domain, ProjectID: g.ID(), ProjectDomainID: domain})
+	for _, strategy := range []kmwtest.Strategy{kmwtest.None, kmwtest.MAC} {
+		t.Run(string(strategy), func(t *testing.T) {
+			bin := kmwtest.StartWith(t, kmwtest.Options{Servers: memcachetest.Addrs(servers), Strategy: strategy, Secret: "s3cret",
+				Client: kmwtest.BinaryMemcached, TLSCA: servers[0].CAFile})
+			w := bin.Write([]kmwtest.Entry{e})
+			if !w[0].Stored || w[0].Server != "*" {
+				t.Fatalf("python-binary-memcached write = %+v, want stored on every server", w[0])
+			}
+			if got := bin.Read([]string{e.TokenID}); len(got) != 1 {
+				t.Fatal("the middleware does not read back what python-binary-memcached stored")
+			}
+			ref := kmwtest.Write(t, memcachetest.Addrs(plain), strategy, "s3cret", []kmwtest.Entry{e})
+			if ref[0].Key != w[0].Key {
+				t.Fatalf("key %q through python-binary-memcached, %q through python-memcache", w[0].Key, ref[0].Key)
+			}
+			for _, s := range c.Servers() {
+				var item memcache.Item
+				if err := s.Get(context.Background(), []string{w[0].Key}, func(it memcache.Item) error {
+					item = it
+					item.Value = bytes.Clone(it.Value)
+					return nil
+				}); err != nil {
+					t.Fatal(err)
+				}
+				if item.Flags != 16|8 {
+					t.Fatalf("%s: flags %d, want 24 (bytes, zlib)", s, item.Flags)
+				}
+				zr, err := zlib.NewReader(bytes.NewReader(item.Value))
+				if err != nil {
+					t.Fatalf("%s: not zlib: %v", s, err)
+				}
+				inflated, err := io.ReadAll(zr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				refValue := rawValues(t, cluster(t, plain).Servers()[0])[ref[0].Key]
+				if strategy == kmwtest.None && !bytes.Equal(inflated, refValue) {
+					t.Fatalf("%s: inflated value differs from python-memcache's:\n%s\n%s", s, inflated, refValue)
+				}
+				if strategy == kmwtest.MAC && len(inflated) != len(refValue) {
+					t.Fatalf("%s: inflated MAC value is %d bytes, python-memcache's %d", s, len(inflated), len(refValue))
+				}
 			}
 		})
 	}

@@ -9,16 +9,18 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
+	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 )
 
-// worker is the state of the goroutine that runs invalidations. Only that
-// goroutine touches it. Invalidations run one at a time: memcached crawls one
-// request at a time per server, and batching makes one call do the work of
-// many. A call for new events (first passes) also takes the events whose
+// scheduler is the state of the goroutine that decides when each event's
+// passes run and runs them (Invalidate calls). Only that goroutine touches
+// it. Calls run one at a time: batching makes one call do the work of many,
+// and a server without a complete live index is crawled one request at a
+// time. A call for new events (first passes) also takes the events whose
 // second pass is due or nearly due (a merged call, see
 // Options.SecondPassDelay), so that a new event does not wait behind a
-// separate crawl for an earlier event's second pass.
-type worker struct {
+// separate call for an earlier event's second pass.
+type scheduler struct {
 	a    *Agent
 	hard context.Context
 
@@ -41,7 +43,7 @@ type worker struct {
 // work runs until ctx ends. Invalidation calls use hard, which outlives ctx
 // by Options.ShutdownTimeout so that a call in progress may finish.
 func (a *Agent) work(ctx, hard context.Context) {
-	w := &worker{a: a, hard: hard}
+	s := &scheduler{a: a, hard: hard}
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
@@ -50,7 +52,7 @@ func (a *Agent) work(ctx, hard context.Context) {
 		for {
 			select {
 			case it := <-a.in:
-				w.add(it, now)
+				s.add(it, now)
 			default:
 				break drain
 			}
@@ -58,22 +60,22 @@ func (a *Agent) work(ctx, hard context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		resolveDue := w.expireWaiting(now)
-		firstReady := len(w.first) > 0 && !now.Before(w.firstDue)
-		secondDue, secondAny := w.earliestSecond()
+		resolveDue := s.expireWaiting(now)
+		firstReady := len(s.first) > 0 && !now.Before(s.firstDue)
+		secondDue, secondAny := s.earliestSecond()
 		secondReady := secondAny && !now.Before(secondDue)
 		switch {
-		case firstReady && (!secondReady || !w.secondOwed):
-			w.firstPass(now)
+		case firstReady && (!secondReady || !s.secondOwed):
+			s.firstPass(now)
 			continue
 		case secondReady:
-			w.secondPass(now)
-			w.secondOwed = false
+			s.secondPass(now)
+			s.secondOwed = false
 			continue
 		}
 		wait := time.Hour
-		if len(w.first) > 0 {
-			wait = w.firstDue.Sub(now)
+		if len(s.first) > 0 {
+			wait = s.firstDue.Sub(now)
 		}
 		if secondAny {
 			wait = min(wait, secondDue.Sub(now))
@@ -84,7 +86,7 @@ func (a *Agent) work(ctx, hard context.Context) {
 		timer.Reset(wait)
 		select {
 		case it := <-a.in:
-			w.add(it, time.Now())
+			s.add(it, time.Now())
 		case <-timer.C:
 		case <-ctx.Done():
 			return
@@ -95,32 +97,32 @@ func (a *Agent) work(ctx, hard context.Context) {
 
 // add takes a new item: a proof of the poller's progress or a notification
 // waiting for one (see resolve.go), else an event for the next first pass.
-func (w *worker) add(it *item, now time.Time) {
-	if w.take(it, now) {
+func (s *scheduler) add(it *item, now time.Time) {
+	if s.take(it, now) {
 		return
 	}
-	w.enqueueFirst(it, now)
+	s.enqueueFirst(it, now)
 }
 
 // enqueueFirst queues it for the next first pass.
-func (w *worker) enqueueFirst(it *item, now time.Time) {
-	if len(w.first) == 0 && w.firstFails == 0 {
-		w.firstDue = now.Add(max(w.a.o.BatchLinger, 0))
+func (s *scheduler) enqueueFirst(it *item, now time.Time) {
+	if len(s.first) == 0 && s.firstFails == 0 {
+		s.firstDue = now.Add(max(s.a.o.BatchLinger, 0))
 	}
-	w.first = append(w.first, it)
-	if len(w.first) >= w.a.o.BatchSize && w.firstFails == 0 {
-		w.firstDue = now
+	s.first = append(s.first, it)
+	if len(s.first) >= s.a.o.BatchSize && s.firstFails == 0 {
+		s.firstDue = now
 	}
 }
 
-func (w *worker) earliestSecond() (time.Time, bool) {
+func (s *scheduler) earliestSecond() (time.Time, bool) {
 	var due time.Time
-	for i, it := range w.second {
+	for i, it := range s.second {
 		if i == 0 || it.due.Before(due) {
 			due = it.due
 		}
 	}
-	return due, len(w.second) > 0
+	return due, len(s.second) > 0
 }
 
 // firstPass runs one call for the new events waiting for their first pass
@@ -128,15 +130,15 @@ func (w *worker) earliestSecond() (time.Time, bool) {
 // Options.secondPassAdvance. On success the new events wait for their second
 // pass and the others are finished; on failure each group is retried as if
 // it had run alone.
-func (w *worker) firstPass(now time.Time) {
-	a := w.a
-	n := min(len(w.first), a.o.BatchSize)
-	batch := w.first[:n:n]
+func (s *scheduler) firstPass(now time.Time) {
+	a := s.a
+	n := min(len(s.first), a.o.BatchSize)
+	batch := s.first[:n:n]
 	var seconds, rest []*item
 	room := a.o.BatchSize - n
 	horizon := now.Add(a.o.secondPassAdvance())
-	w.secondOwed = false
-	for _, it := range w.second {
+	s.secondOwed = false
+	for _, it := range s.second {
 		switch {
 		case horizon.Before(it.due):
 			rest = append(rest, it)
@@ -144,34 +146,34 @@ func (w *worker) firstPass(now time.Time) {
 			seconds = append(seconds, it)
 		default:
 			rest = append(rest, it)
-			w.secondOwed = w.secondOwed || !now.Before(it.due)
+			s.secondOwed = s.secondOwed || !now.Before(it.due)
 		}
 	}
 	pass := passFirst
 	if len(seconds) > 0 {
 		pass = passMerged
 	}
-	res, err := a.invalidate(w.hard, pass, append(batch, seconds...))
+	res, err := a.invalidate(s.hard, pass, append(batch, seconds...))
 	end := time.Now()
 	if err != nil {
-		w.firstFails++
-		d := a.retryDelay(w.firstFails)
-		w.firstDue = end.Add(d)
-		w.secondFailed(seconds, end)
+		s.firstFails++
+		d := a.retryDelay(s.firstFails)
+		s.firstDue = end.Add(d)
+		s.secondFailed(seconds, end)
 		a.log.Warn("invalidation failed: the events stay unacknowledged and are retried",
-			"pass", pass, "events", n, "second_pass_events", len(seconds), "attempt", w.firstFails, "retry_in", d, "err", err)
+			"pass", pass, "events", n, "second_pass_events", len(seconds), "attempt", s.firstFails, "retry_in", d, "err", err)
 		return
 	}
-	if w.firstFails > 0 {
-		a.log.Info("invalidation succeeded after failures", "pass", pass, "events", n, "failures", w.firstFails)
+	if s.firstFails > 0 {
+		a.log.Info("invalidation succeeded after failures", "pass", pass, "events", n, "failures", s.firstFails)
 	}
-	w.firstFails = 0
-	w.first = append([]*item(nil), w.first[n:]...)
-	if len(w.first) > 0 {
-		w.firstDue = end // a backlog: go on at once
+	s.firstFails = 0
+	s.first = append([]*item(nil), s.first[n:]...)
+	if len(s.first) > 0 {
+		s.firstDue = end // a backlog: go on at once
 	}
 	if len(seconds) > 0 {
-		w.second = rest
+		s.second = rest
 		for _, it := range seconds {
 			a.finish(it)
 		}
@@ -199,16 +201,16 @@ func (w *worker) firstPass(now time.Time) {
 			continue
 		}
 		it.due = end.Add(a.o.SecondPassDelay)
-		w.second = append(w.second, it)
+		s.second = append(s.second, it)
 	}
 }
 
 // secondFailed schedules the retry of second passes whose call failed at
 // end. A second pass that ran early is not retried before it was due.
-func (w *worker) secondFailed(items []*item, end time.Time) {
+func (s *scheduler) secondFailed(items []*item, end time.Time) {
 	for _, it := range items {
 		it.secondFails++
-		it.due = later(it.due, end.Add(w.a.retryDelay(it.secondFails)))
+		it.due = later(it.due, end.Add(s.a.retryDelay(it.secondFails)))
 	}
 }
 
@@ -219,20 +221,20 @@ func later(a, b time.Time) time.Time {
 	return b
 }
 
-func (w *worker) secondPass(now time.Time) {
-	a := w.a
+func (s *scheduler) secondPass(now time.Time) {
+	a := s.a
 	var batch, rest []*item
-	for _, it := range w.second {
+	for _, it := range s.second {
 		if !now.Before(it.due) && len(batch) < a.o.BatchSize {
 			batch = append(batch, it)
 		} else {
 			rest = append(rest, it)
 		}
 	}
-	res, err := a.invalidate(w.hard, passSecond, batch)
+	res, err := a.invalidate(s.hard, passSecond, batch)
 	end := time.Now()
 	if err != nil {
-		w.secondFailed(batch, end)
+		s.secondFailed(batch, end)
 		a.log.Warn("invalidation failed: the events stay unacknowledged and are retried",
 			"pass", passSecond, "events", len(batch), "attempt", batch[0].secondFails,
 			"retry_in", a.retryDelay(batch[0].secondFails), "err", err)
@@ -245,11 +247,12 @@ func (w *worker) secondPass(now time.Time) {
 	for _, it := range batch {
 		a.finish(it)
 	}
-	w.second = rest
+	s.second = rest
 }
 
-// invalidate runs one Invalidator call for items and counts what it did.
-func (a *Agent) invalidate(ctx context.Context, pass string, items []*item) (Result, error) {
+// invalidate runs one Invalidate call (one pass) for items and counts what it
+// did.
+func (a *Agent) invalidate(ctx context.Context, pass string, items []*item) (tokencache.Result, error) {
 	evs := make([]event.Event, 0, len(items))
 	seen := make(map[string]bool, len(items))
 	for _, it := range items {
@@ -268,7 +271,7 @@ func (a *Agent) invalidate(ctx context.Context, pass string, items []*item) (Res
 	if errors.Is(err, errPanic) {
 		// The batch cannot be handled as it is: widen it to one unbounded
 		// event, which covers every event of the batch.
-		a.log.Error("invalidator panicked; removing every token entry instead", "pass", pass, "events", len(evs), "err", err)
+		a.log.Error("Invalidate panicked; removing every token entry instead", "pass", pass, "events", len(evs), "err", err)
 		res, err = a.safeInvalidate(ctx, []event.Event{{
 			Version: event.SchemaVersion,
 			Kind:    event.KindNotification,
@@ -296,14 +299,14 @@ func (a *Agent) invalidate(ctx context.Context, pass string, items []*item) (Res
 	return res, nil
 }
 
-var errPanic = errors.New("invalidator panicked")
+var errPanic = errors.New("Invalidate panicked")
 
-// safeInvalidate calls the Invalidator, turning a panic into an error.
-func (a *Agent) safeInvalidate(ctx context.Context, evs []event.Event) (res Result, err error) {
+// safeInvalidate calls the token cache, turning a panic into an error.
+func (a *Agent) safeInvalidate(ctx context.Context, evs []event.Event) (res tokencache.Result, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			a.m.panics.Inc()
-			res, err = Result{}, fmt.Errorf("%w: %v\n%s", errPanic, r, debug.Stack())
+			res, err = tokencache.Result{}, fmt.Errorf("%w: %v\n%s", errPanic, r, debug.Stack())
 		}
 	}()
 	return a.inv.Invalidate(ctx, evs)
