@@ -570,6 +570,12 @@ func (e *env) startRegions() {
 			"--memcached", memcachetest.List(r.servers),
 			"--strategy", e.o.strategy,
 			"--token-cache-time", "300",
+			// A short late write-back window: tests cache entries of users
+			// right after earlier notifications that concern them (a shared
+			// domain or project), with tokens issued long before, which the
+			// default 15 s window would remove as validations written back
+			// late. TestStaleWriteBackAfterFirstPass sets its own.
+			"--late-write-back-window", "500ms",
 			"--http-addr", "127.0.0.1:0",
 			"--log-format", "json",
 		}

@@ -19,7 +19,7 @@ import (
 // gone before the second pass (--second-pass-delay, 5s here) could run, the
 // events still unacknowledged, and the second pass must find nothing left.
 func TestStaleWriteBackAfterFirstPass(t *testing.T) {
-	e := newEnv(t, envOptions{agentArgs: []string{"--second-pass-delay", "5s"}})
+	e := newEnv(t, envOptions{agentArgs: []string{"--second-pass-delay", "5s", "--late-write-back-window", "15s"}})
 	w := e.work
 	victims := w.victims(30, 1)
 	unrelated, _ := w.unrelated(20)
