@@ -157,27 +157,7 @@ func TestLeafCentralConsumer(t *testing.T) {
 		cancel()
 	}
 	body := []byte(`{"v":1}`)
-	tests := []struct {
-		name string
-		do   func() error
-	}{
-		{"read regionThree's consumer", func() error {
-			c, cancel := short()
-			defer cancel()
-			_, err := js.Consumer(c, "KEYSTONE", "regionThree")
-			return err
-		}},
-		{"delete regionThree's consumer", func() error {
-			c, cancel := short()
-			defer cancel()
-			return js.DeleteConsumer(c, "KEYSTONE", "regionThree")
-		}},
-		{"reset regionThree's consumer", func() error {
-			c, cancel := short()
-			defer cancel()
-			_, err := js.CreateOrUpdateConsumer(c, "KEYSTONE", jetstream.ConsumerConfig{Durable: "regionThree", AckPolicy: jetstream.AckExplicitPolicy})
-			return err
-		}},
+	tests := append(forbiddenToRegionTwo(js, short), []forbidden{
 		{"hijack regionThree's mirror consumer", func() error {
 			c, cancel := short()
 			defer cancel()
@@ -185,28 +165,7 @@ func TestLeafCentralConsumer(t *testing.T) {
 				DeliverSubject: stream.MirrorDeliverSubject("regionTwo"), AckPolicy: jetstream.AckFlowControlPolicy, FlowControl: true, IdleHeartbeat: time.Second})
 			return err
 		}},
-		{"publish an event", func() error {
-			c, cancel := short()
-			defer cancel()
-			_, err := js.Publish(c, "keystone.notification.identity.user.updated", body)
-			return err
-		}},
-		{"delete the stream", func() error {
-			c, cancel := short()
-			defer cancel()
-			return js.DeleteStream(c, "KEYSTONE")
-		}},
-		{"read regionThree's checkpoint", func() error {
-			c, cancel := short()
-			defer cancel()
-			kv, err := js.KeyValue(c, regionagent.DefaultCheckpointBucket)
-			if err != nil {
-				return err
-			}
-			_, err = kv.Get(c, "regionThree")
-			return err
-		}},
-	}
+	}...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			err := tt.do()

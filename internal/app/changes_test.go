@@ -368,20 +368,7 @@ func testChanges(t *testing.T, format string) {
 				OnRemove: func(rm tokencache.Removal) { removals <- rm }},
 		},
 	}
-	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- RunAllInOne(runCtx, o, testutil.Logger(t)) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon stopped with %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Error("daemon did not stop within 30s")
-		}
-	})
+	runAllInOne(t, o)
 	testutil.Eventually(t, 60*time.Second, "the poller holding its lease, the agent consuming and seeing the poller", func() (bool, string) {
 		held := testutil.Metric(r.reg, "keystone_fanout_revoke_lease_held")
 		bound := testutil.Metric(r.reg, "keystone_fanout_agent_consumer_bound")

@@ -98,20 +98,7 @@ func TestKeystoneRevocationsLeaveTheRegion(t *testing.T) {
 			Invalidation: tokencache.Options{Strategy: tokencache.Targeted},
 		},
 	}
-	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- RunAllInOne(runCtx, o, testutil.Logger(t)) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon stopped with %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Error("daemon did not stop within 30s")
-		}
-	})
+	runAllInOne(t, o)
 
 	cached := func(name string) []string {
 		found := cache.Read(tokens[name])
@@ -147,4 +134,24 @@ func TestKeystoneRevocationsLeaveTheRegion(t *testing.T) {
 		return s == "[alice#1] []", s
 	})
 	t.Logf("user disabled to its entries gone in the region: %s", time.Since(start).Round(time.Millisecond))
+}
+
+// runAllInOne runs the whole daemon until the test ends, then stops it and
+// fails the test unless it stopped cleanly within 30 s.
+func runAllInOne(t *testing.T, o AllInOneOptions) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- RunAllInOne(ctx, o, testutil.Logger(t)) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("daemon stopped with %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Error("daemon did not stop within 30s")
+		}
+	})
 }
