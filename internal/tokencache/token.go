@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"time"
+	"unicode/utf8"
 )
 
 // Token is what keystone-fanout reads from one cached token validation: the
@@ -168,6 +169,13 @@ func (p *valueParser) parse(kind KeyKind, flags uint32, value []byte) (Token, er
 		if !looksLikeJSONObject(data) {
 			return Token{}, ErrEncrypted
 		}
+		// An ENCRYPT value starts with a random IV, which begins with '{' or
+		// '[' about once in 128 values: ciphertext is not UTF-8, JSON is.
+		t, err := p.parseJSON(data)
+		if err != nil && !utf8.Valid(data) {
+			return Token{}, ErrEncrypted
+		}
+		return t, err
 	default:
 		return Token{}, fmt.Errorf("%w: not a token key", ErrUnreadable)
 	}

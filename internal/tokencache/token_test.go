@@ -74,6 +74,8 @@ func TestParseValue(t *testing.T) {
 	random := make([]byte, 64)
 	rand.Read(random)
 	random[0] = 0x42 // not '{' or '['
+	braced := append([]byte("{"), random[1:]...)
+	braced[1] = 0xff // never in UTF-8
 
 	cases := []struct {
 		name    string
@@ -81,27 +83,32 @@ func TestParseValue(t *testing.T) {
 		flags   uint32
 		value   []byte
 		want    *Token
-		wantErr bool
+		wantErr error
 	}{
-		{"none strategy JSON", KeyNone, 0, cached, &want, false},
-		{"text flag", KeyNone, 16, cached, &want, false},
-		{"mac strategy", KeySecure, 0, secureValue(cached), &want, false},
-		{"legacy (data, expires) pair", KeyNone, 0, []byte(`[` + string(cached) + `, 12345]`), &want, false},
-		{"encrypt strategy", KeySecure, 0, secureValue(random), nil, true},
-		{"pickled", KeyNone, 1, cached, nil, true},
-		{"compressed", KeyNone, 8, cached, nil, true},
-		{"not JSON", KeyNone, 0, []byte("garbage"), nil, true},
-		{"no user id", KeyNone, 0, []byte(`{"token": {"project": {"id": "p1"}}}`), nil, true},
-		{"secure value too short", KeySecure, 0, []byte("abc"), nil, true},
-		{"secure value not base64", KeySecure, 0, append(secureValue(nil), '!', '!'), nil, true},
-		{"truncated JSON", KeyNone, 0, cached[:len(cached)/2], nil, true},
+		{"none strategy JSON", KeyNone, 0, cached, &want, nil},
+		{"text flag", KeyNone, 16, cached, &want, nil},
+		{"mac strategy", KeySecure, 0, secureValue(cached), &want, nil},
+		{"legacy (data, expires) pair", KeyNone, 0, []byte(`[` + string(cached) + `, 12345]`), &want, nil},
+		{"encrypt strategy", KeySecure, 0, secureValue(random), nil, ErrEncrypted},
+		{"encrypt strategy, IV starting with a brace", KeySecure, 0, secureValue(braced), nil, ErrEncrypted},
+		{"mac strategy, broken JSON", KeySecure, 0, secureValue(cached[:len(cached)/2]), nil, ErrUnreadable},
+		{"pickled", KeyNone, 1, cached, nil, ErrUnreadable},
+		{"compressed", KeyNone, 8, cached, nil, ErrUnreadable},
+		{"not JSON", KeyNone, 0, []byte("garbage"), nil, ErrUnreadable},
+		{"no user id", KeyNone, 0, []byte(`{"token": {"project": {"id": "p1"}}}`), nil, ErrUnreadable},
+		{"secure value too short", KeySecure, 0, []byte("abc"), nil, ErrUnreadable},
+		{"secure value not base64", KeySecure, 0, append(secureValue(nil), '!', '!'), nil, ErrUnreadable},
+		{"truncated JSON", KeyNone, 0, cached[:len(cached)/2], nil, ErrUnreadable},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := ParseValue(tc.kind, tc.flags, tc.value)
-			if tc.wantErr {
-				if !errors.Is(err, ErrUnreadable) {
-					t.Fatalf("ParseValue = %+v, %v; want ErrUnreadable", got, err)
+			if tc.wantErr != nil {
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("ParseValue = %+v, %v; want %v", got, err, tc.wantErr)
+				}
+				if tc.wantErr == ErrUnreadable && errors.Is(err, ErrEncrypted) {
+					t.Fatalf("ParseValue = %v; readable JSON mistaken for ENCRYPT", err)
 				}
 				return
 			}
