@@ -244,12 +244,6 @@ type Options struct {
 	noSecondPass bool
 }
 
-var regionPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
-
-// ValidRegionName reports whether name can be a region's name (--region):
-// 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'.
-func ValidRegionName(name string) bool { return regionPattern.MatchString(name) }
-
 func (o *Options) setDefaults() {
 	if o.Stream == "" {
 		o.Stream = DefaultStream
@@ -324,7 +318,7 @@ func (o *Options) Validate() error {
 	switch {
 	case o.Region == "":
 		add("--region is required: give this region's name as Keystone's catalog knows it, for example --region=regionTwo")
-	case !regionPattern.MatchString(o.Region):
+	case !stream.ValidRegionName(o.Region):
 		add("--region %q: a region name must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-' (it names the JetStream consumer), for example regionTwo", o.Region)
 	}
 	if err := stream.CheckName(o.Stream); err != nil {

@@ -18,6 +18,9 @@ const receiptTimeout = 10 * time.Second
 func (a *Agent) sendReceipt(batch []*item, res tokencache.Result, gone time.Time) {
 	r := stream.Receipt{Version: stream.ReceiptVersion, Region: a.o.Region, Stream: a.o.Stream, Gone: gone.UTC(),
 		Removed: res.Removed, Swept: res.Swept || res.Flushed}
+	for _, sr := range res.Servers {
+		r.Servers = append(r.Servers, stream.ReceiptServer{Server: sr.Server, Removed: sr.Removed, Flushed: sr.Flushed})
+	}
 	for _, it := range batch {
 		if it.msg != nil {
 			user := it.ev.UserID

@@ -136,7 +136,7 @@ func runAllInOne(ctx context.Context, args []string, stdout, stderr io.Writer, g
 	}
 	af.o.Agent.Stream = bf.b.Stream.Name
 	o := app.AllInOneOptions{
-		Bridge: app.BridgeOptions{Bridge: bf.b, NATS: bf.nats, Embedded: bf.embedded, HTTPAddr: bf.httpAddr, ShutdownTimeout: bf.shutdown},
+		Bridge: app.BridgeOptions{Bridge: bf.b, NATS: bf.nats, Embedded: bf.embedded, HTTPAddr: bf.httpAddr, ShutdownTimeout: bf.shutdown, Confirm: bf.confirm},
 		Agent:  af.o,
 	}
 	if bf.revoke.URL != "" {

@@ -72,7 +72,7 @@ func runDoctor(ctx context.Context, args []string, stdout, stderr io.Writer, get
 		if err := f.finish(); err != nil {
 			return usageError{err}
 		}
-		o := app.BridgeOptions{Bridge: f.b, NATS: f.nats, Embedded: f.embedded, HTTPAddr: f.httpAddr, ShutdownTimeout: f.shutdown}
+		o := app.BridgeOptions{Bridge: f.b, NATS: f.nats, Embedded: f.embedded, HTTPAddr: f.httpAddr, ShutdownTimeout: f.shutdown, Confirm: f.confirm}
 		if f.revoke.URL != "" {
 			r := f.revoke
 			o.Revoke = &r

@@ -11,6 +11,7 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/bridge"
 	"github.com/keystone-fanout/keystone-fanout/internal/config"
+	"github.com/keystone-fanout/keystone-fanout/internal/confirm"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
@@ -86,6 +87,7 @@ type bridgeFlags struct {
 	b              bridge.Options
 	revoke         revoke.Options
 	revokeInterval time.Duration
+	confirm        confirm.Options
 }
 
 func (f *bridgeFlags) register(s *config.Set) {
@@ -133,6 +135,10 @@ func (f *bridgeFlags) register(s *config.Set) {
 	s.String(&r.CAFile, "keystone-ca-file", "", "PEM CA bundle that Keystone's certificate is checked against")
 	s.Duration(&f.revokeInterval, "revocation-poll-interval", revoke.DefaultPollInterval, "time between two polls of Keystone's revocation events (notifications also make the poller poll at once)")
 	s.Duration(&r.LeaseTTL, "revocation-lease-ttl", revoke.DefaultLeaseTTL, "one bridge replica polls at a time: how long its lease lasts without renewal before another takes over")
+
+	c := &f.confirm
+	s.List(&c.Regions, "expect-regions", nil, "regions whose receipts confirm each event (keystone_fanout_confirm_* metrics); default: every region with a consumer on the stream")
+	s.Duration(&c.Deadline, "confirm-deadline", confirm.DefaultDeadline, "how long after an event each expected region has to confirm it before it counts as unconfirmed")
 }
 
 // finish applies what needs more than one flag, after parsing.

@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/app"
+	"github.com/keystone-fanout/keystone-fanout/internal/confirm"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
@@ -198,6 +199,17 @@ func TestLeastPrivilege(t *testing.T) {
 	testutil.Eventually(t, 20*time.Second, "the bridge's poller holding its lease and polling", func() (bool, string) {
 		return testutil.Metric(pollerReg, "keystone_fanout_revoke_lease_held") == 1 && p.Ready() == nil, fmt.Sprint(p.Ready())
 	})
+	// The bridge's confirmations: the regions' receipts, the regions from
+	// the stream's consumers.
+	confirmReg := prometheus.NewRegistry()
+	col, err := confirm.New(confirm.Options{}, bjs, confirmReg, testLog(t).With("component", "confirmations"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cctx, ccancel := context.WithCancel(ctx)
+	cdone := make(chan error, 1)
+	go func() { cdone <- col.Run(cctx) }()
+	t.Cleanup(func() { ccancel(); <-cdone })
 
 	// Two regions, each with its own user.
 	a2, inv2, reg2 := runAgent(t, url, "regionTwo", "regionTwo")
@@ -239,6 +251,11 @@ func TestLeastPrivilege(t *testing.T) {
 		out.Reset()
 		err := app.RunTrace(ctx, app.TraceOptions{NATS: natsOptions(url, "operator"), Query: "n-1"}, &out, testLog(t))
 		return err == nil && strings.Contains(out.String(), "confirmed by 2 of 2 regions"), fmt.Sprintf("%v %s", err, out.String())
+	})
+	testutil.Eventually(t, 20*time.Second, "the bridge's confirmations: effective in both regions", func() (bool, string) {
+		n := testutil.Metric(confirmReg, confirm.MetricsPrefix+"everywhere_seconds")
+		e := testutil.Metric(confirmReg, confirm.MetricsPrefix+"expected_regions")
+		return n >= 1 && e == 2, fmt.Sprintf("%v events effective everywhere, %v regions expected", n, e)
 	})
 
 	// What regionTwo's credentials must not do.

@@ -16,6 +16,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/keystone-fanout/keystone-fanout/bridge"
+	"github.com/keystone-fanout/keystone-fanout/internal/confirm"
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache"
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
@@ -124,6 +125,23 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 	if kept := cache.Read(otherTokens); len(kept) != len(otherTokens) {
 		t.Fatalf("entries of another user: %d of %d kept, want all", len(kept), len(otherTokens))
 	}
+	// The region's receipt reaches the bridge's confirmations: the event is
+	// effective in every region (regionTwo, found from its consumer).
+	testutil.Eventually(t, 30*time.Second, "the event confirmed everywhere", func() (bool, string) {
+		n := testutil.Metric(reg, confirm.MetricsPrefix+"everywhere_seconds")
+		r := testutil.Metric(reg, confirm.MetricsPrefix+"region_seconds", "region", "regionTwo")
+		e := testutil.Metric(reg, confirm.MetricsPrefix+"expected_regions")
+		return n == 1 && r == 1 && e == 1, fmt.Sprintf("everywhere %v, regionTwo %v, expected regions %v", n, r, e)
+	})
+	// The receipt says what each memcached server lost.
+	rc := lastReceipt(t, natsOptions.URL, "regionTwo")
+	sum := 0
+	for _, s := range rc.Servers {
+		sum += s.Removed
+	}
+	if len(rc.Servers) != 2 || sum != rc.Removed || rc.Removed != len(revokedTokens) {
+		t.Errorf("receipt: removed %d over servers %+v; want %d over both servers", rc.Removed, rc.Servers, len(revokedTokens))
+	}
 	_, metrics := httpGet(base + "/metrics")
 	for _, want := range []string{"keystone_fanout_bridge_published_total 1", "go_goroutines", "process_resident_memory_bytes"} {
 		if !strings.Contains(metrics, want) {
@@ -169,6 +187,35 @@ func TestAllInOneRemovesARevokedUsersEntries(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("daemon did not stop within 30s of its context ending")
 	}
+}
+
+// lastReceipt reads region's last receipt from the receipts stream.
+func lastReceipt(t testing.TB, natsURL, region string) stream.Receipt {
+	t.Helper()
+	nc, err := nats.Connect(natsURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := js.Stream(ctx, stream.ReceiptsStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := s.GetLastMsgForSubject(ctx, stream.ReceiptSubject(region))
+	if err != nil {
+		t.Fatalf("%s's last receipt: %v", region, err)
+	}
+	r, err := stream.UnmarshalReceipt(m.Data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }
 
 // publishKeystone publishes a basic-format notification as Keystone does.

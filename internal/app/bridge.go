@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keystone-fanout/keystone-fanout/bridge"
+	"github.com/keystone-fanout/keystone-fanout/internal/confirm"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
@@ -26,6 +27,9 @@ type BridgeOptions struct {
 	// Revoke, when not nil (--keystone-url given), also runs the revocation
 	// event poller.
 	Revoke *revoke.Options
+	// Confirm configures the collector of the regions' receipts
+	// (--expect-regions, --confirm-deadline), which every bridge runs.
+	Confirm confirm.Options
 	// HTTPAddr (--http-addr, default 127.0.0.1:9090) serves /healthz, /readyz
 	// and /metrics; empty serves nothing.
 	HTTPAddr string
@@ -43,7 +47,7 @@ type BridgeOptions struct {
 
 // Validate fills defaults and checks every option before anything is started.
 func (o *BridgeOptions) Validate() error {
-	errs := []error{o.Bridge.Validate(), validateNATS(&o.NATS, &o.Embedded)}
+	errs := []error{o.Bridge.Validate(), validateNATS(&o.NATS, &o.Embedded), o.Confirm.Validate()}
 	if r := o.revokeOptions(); r != nil {
 		errs = append(errs, r.Validate())
 	}
@@ -139,11 +143,18 @@ func bridgeComponents(o *BridgeOptions, nc *nats.Conn, reg prometheus.Registerer
 		return nil, err
 	}
 	comps := []component{{name: "bridge", run: b.Run, ready: b.Ready}}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	co := o.Confirm
+	co.Stream = o.Bridge.Stream.Name
+	c, err := confirm.New(co, js, reg, log.With("component", "confirmations"))
+	if err != nil {
+		return nil, err
+	}
+	comps = append(comps, component{name: "confirmations", run: c.Run})
 	if r := o.revokeOptions(); r != nil {
-		js, err := jetstream.New(nc)
-		if err != nil {
-			return nil, err
-		}
 		p, err := revoke.New(*r, js, reg, log.With("component", "revocation-poller"))
 		if err != nil {
 			return nil, err

@@ -61,7 +61,7 @@ func (c *CheckOptions) Validate() error {
 		errs = append(errs, fmt.Errorf("--warn-lag %s is above --max-lag %s: give a warning threshold at or below the critical one", c.WarnLag, c.MaxLag))
 	}
 	for _, r := range c.Regions {
-		if !regionagent.ValidRegionName(r) {
+		if !stream.ValidRegionName(r) {
 			errs = append(errs, fmt.Errorf("--expect-regions: %q is not a region name: 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-', as the agents' --region", r))
 		}
 	}

@@ -16,7 +16,6 @@ import (
 
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
 	"github.com/keystone-fanout/keystone-fanout/internal/stream"
-	"github.com/keystone-fanout/keystone-fanout/regionagent"
 )
 
 // TraceOptions configures `keystone-fanout trace`.
@@ -86,21 +85,12 @@ func RunTrace(ctx context.Context, o TraceOptions, w io.Writer, log *slog.Logger
 		for _, r := range receipts {
 			regions[r.Region] = true
 		}
-		if s, err := js.Stream(ctx, o.Stream); err == nil {
-			list := s.ListConsumers(ctx)
-			for ci := range list.Info() {
-				// Region agents' consumers, and regional mirrors', are
-				// durable; ordered consumers (the poller's) are not.
-				n := strings.TrimSuffix(ci.Config.Durable, "_mirror")
-				if n != "" && regionagent.ValidRegionName(n) {
-					regions[n] = true
-				}
-			}
-			if err := list.Err(); err != nil {
-				log.Warn("cannot list the regions' consumers; expecting the regions with receipts", "err", err)
-			}
-		} else {
-			log.Warn("cannot read the events' stream; expecting the regions with receipts", "stream", o.Stream, "err", err)
+		names, err := stream.Regions(ctx, js, o.Stream)
+		if err != nil {
+			log.Warn("cannot list the regions' consumers; expecting the regions with receipts", "err", err)
+		}
+		for _, n := range names {
+			regions[n] = true
 		}
 	}
 	events := traceEvents(receipts, o.Query, regions)

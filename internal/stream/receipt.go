@@ -39,6 +39,17 @@ type Receipt struct {
 	// every server of the region; Swept is set when it removed every one.
 	Removed int  `json:"removed"`
 	Swept   bool `json:"swept,omitempty"`
+	// Servers is the part of Removed of each memcached server of the
+	// region, in the agent's --memcached order.
+	Servers []ReceiptServer `json:"servers,omitempty"`
+}
+
+// ReceiptServer is what an invalidation removed from one memcached server:
+// Removed token entries, or everything when Flushed (flush_all).
+type ReceiptServer struct {
+	Server  string `json:"server"`
+	Removed int    `json:"removed"`
+	Flushed bool   `json:"flushed,omitempty"`
 }
 
 // ReceiptEvent names one event a receipt covers: its stream sequence, its

@@ -49,3 +49,24 @@ func hasLabels(m *dto.Metric, pairs []string) bool {
 	}
 	return true
 }
+
+// HistogramSum returns the sum of the observations of histogram name
+// gathered from g, from its first series whose labels include the given
+// name/value pairs; 0 when there is none.
+func HistogramSum(g prometheus.Gatherer, name string, labels ...string) float64 {
+	mfs, err := g.Gather()
+	if err != nil {
+		return 0
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if hasLabels(m, labels) && m.Histogram != nil {
+				return m.Histogram.GetSampleSum()
+			}
+		}
+	}
+	return 0
+}
