@@ -27,11 +27,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 )
 
@@ -165,53 +163,29 @@ func (c *Collector) Run(ctx context.Context) error {
 	return nil
 }
 
-// follow reads receipts with an ordered consumer from now on, until ctx ends.
+// follow reads receipts with an ordered consumer from the start on, until
+// ctx ends.
 func (c *Collector) follow(ctx context.Context) {
-	retry := backoff.New(100*time.Millisecond, 30*time.Second)
-	for ctx.Err() == nil {
-		cons, err := c.js.OrderedConsumer(ctx, stream.ReceiptsStream, jetstream.OrderedConsumerConfig{
-			FilterSubjects: []string{stream.ReceiptSubjectPrefix + ".>"},
-			DeliverPolicy:  jetstream.DeliverByStartTimePolicy,
-			OptStartTime:   ptr(c.startTime()),
-		})
-		if err == nil {
-			var cc jetstream.ConsumeContext
-			cc, err = cons.Consume(func(m jetstream.Msg) {
-				r, err := stream.UnmarshalReceipt(m.Data())
-				if err != nil {
-					c.m.rejected.Inc()
-					c.log.Debug("not a receipt", "subject", m.Subject(), "err", err)
-					return
-				}
-				c.Add(r)
-			})
-			if err == nil {
-				retry.Reset()
-				select {
-				case <-ctx.Done():
-					cc.Stop()
-					return
-				case <-cc.Closed():
-					err = errors.New("the consumer of the receipts stopped")
-				}
+	stream.Follower{
+		Stream: stream.ReceiptsStream,
+		Config: func() jetstream.OrderedConsumerConfig {
+			return jetstream.OrderedConsumerConfig{
+				FilterSubjects: []string{stream.ReceiptSubjectPrefix + ".>"},
+				DeliverPolicy:  jetstream.DeliverByStartTimePolicy,
+				OptStartTime:   ptr(c.startTime()),
 			}
-		}
-		if errors.Is(err, nats.ErrConnectionClosed) {
-			return
-		}
-		d := retry.Next()
-		level := slog.LevelWarn
-		if errors.Is(err, jetstream.ErrStreamNotFound) {
-			level = slog.LevelInfo // the bridge creates it
-		}
-		if n := retry.Failures(); n&(n-1) == 0 { // the 1st, 2nd, 4th... attempt
-			c.log.Log(ctx, level, "cannot read the regions' receipts yet; no confirmations meanwhile",
-				"stream", stream.ReceiptsStream, "err", err, "attempts", n, "retry_in", d)
-		}
-		if !backoff.Sleep(ctx, d) {
-			return
-		}
-	}
+		},
+		Handle: func(m jetstream.Msg) {
+			r, err := stream.UnmarshalReceipt(m.Data())
+			if err != nil {
+				c.m.rejected.Inc()
+				c.log.Debug("not a receipt", "subject", m.Subject(), "err", err)
+				return
+			}
+			c.Add(r)
+		},
+		What: "cannot read the regions' receipts yet; no confirmations meanwhile",
+	}.Follow(ctx, c.js, c.log)
 }
 
 func ptr[T any](v T) *T { return &v }

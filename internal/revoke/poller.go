@@ -27,7 +27,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -363,56 +362,33 @@ func (p *Poller) lastSuccess() time.Time {
 // a poll, through an ordered consumer of its notification subjects (headers
 // only), until ctx ends.
 func (p *Poller) followNotifications(ctx context.Context) {
-	retry := backoff.New(100*time.Millisecond, p.o.MaxBackoff)
-	for ctx.Err() == nil {
-		cons, err := p.js.OrderedConsumer(ctx, p.o.Stream, jetstream.OrderedConsumerConfig{
-			FilterSubjects: []string{p.o.SubjectPrefix + ".notification.>"},
-			DeliverPolicy:  jetstream.DeliverNewPolicy,
-			HeadersOnly:    true,
-		})
-		if err == nil {
-			var cc jetstream.ConsumeContext
-			cc, err = cons.Consume(func(m jetstream.Msg) {
-				if md, err := m.Metadata(); err == nil {
-					p.noteNotification(md.Sequence.Stream)
-				}
-			})
-			if err == nil {
-				// Notifications stored before the consumer began (while the
-				// lease changed hands) count as seen: the next poll covers them.
-				p.through.Store(0)
-				if s, serr := p.js.Stream(ctx, p.o.Stream); serr == nil {
-					p.noteNotification(s.CachedInfo().State.LastSeq)
-				}
-				p.following.Store(true)
-				retry.Reset()
-				select {
-				case <-ctx.Done():
-					cc.Stop()
-					p.following.Store(false)
-					return
-				case <-cc.Closed():
-					err = errors.New("the consumer following the notifications stopped")
-				}
-				p.following.Store(false)
+	stream.Follower{
+		Stream: p.o.Stream,
+		Config: func() jetstream.OrderedConsumerConfig {
+			return jetstream.OrderedConsumerConfig{
+				FilterSubjects: []string{p.o.SubjectPrefix + ".notification.>"},
+				DeliverPolicy:  jetstream.DeliverNewPolicy,
+				HeadersOnly:    true,
 			}
-		}
-		if errors.Is(err, nats.ErrConnectionClosed) {
-			return
-		}
-		d := retry.Next()
-		level := slog.LevelWarn
-		if errors.Is(err, jetstream.ErrStreamNotFound) {
-			level = slog.LevelInfo // the bridge creates it
-		}
-		if n := retry.Failures(); n&(n-1) == 0 { // the 1st, 2nd, 4th... attempt
-			p.log.Log(ctx, level, "cannot follow the stream's notifications yet; polling on the interval meanwhile",
-				"stream", p.o.Stream, "err", err, "attempts", n, "retry_in", d)
-		}
-		if !backoff.Sleep(ctx, d) {
-			return
-		}
-	}
+		},
+		Handle: func(m jetstream.Msg) {
+			if md, err := m.Metadata(); err == nil {
+				p.noteNotification(md.Sequence.Stream)
+			}
+		},
+		Started: func() {
+			// Notifications stored before the consumer began (while the
+			// lease changed hands) count as seen: the next poll covers them.
+			p.through.Store(0)
+			if s, err := p.js.Stream(ctx, p.o.Stream); err == nil {
+				p.noteNotification(s.CachedInfo().State.LastSeq)
+			}
+			p.following.Store(true)
+		},
+		Stopped:    func() { p.following.Store(false) },
+		MaxBackoff: p.o.MaxBackoff,
+		What:       "cannot follow the stream's notifications yet; polling on the interval meanwhile",
+	}.Follow(ctx, p.js, p.log)
 }
 
 // noteNotification records that notifications up to stream sequence seq are

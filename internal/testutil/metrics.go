@@ -9,29 +9,47 @@ import (
 // from its first series whose labels include the given name/value pairs; a
 // histogram gives its sample count. 0 when there is none.
 func Metric(g prometheus.Gatherer, name string, labels ...string) float64 {
+	m := series(g, name, labels)
+	switch {
+	case m == nil:
+		return 0
+	case m.Counter != nil:
+		return m.Counter.GetValue()
+	case m.Gauge != nil:
+		return m.Gauge.GetValue()
+	case m.Histogram != nil:
+		return float64(m.Histogram.GetSampleCount())
+	}
+	return 0
+}
+
+// HistogramSum returns the sum of the observations of histogram name
+// gathered from g, from its first series whose labels include the given
+// name/value pairs; 0 when there is none.
+func HistogramSum(g prometheus.Gatherer, name string, labels ...string) float64 {
+	if m := series(g, name, labels); m != nil && m.Histogram != nil {
+		return m.Histogram.GetSampleSum()
+	}
+	return 0
+}
+
+// series is the first series of name whose labels include pairs; nil if none.
+func series(g prometheus.Gatherer, name string, pairs []string) *dto.Metric {
 	mfs, err := g.Gather()
 	if err != nil {
-		return 0
+		return nil
 	}
 	for _, mf := range mfs {
 		if mf.GetName() != name {
 			continue
 		}
 		for _, m := range mf.GetMetric() {
-			if !hasLabels(m, labels) {
-				continue
-			}
-			switch {
-			case m.Counter != nil:
-				return m.Counter.GetValue()
-			case m.Gauge != nil:
-				return m.Gauge.GetValue()
-			case m.Histogram != nil:
-				return float64(m.Histogram.GetSampleCount())
+			if hasLabels(m, pairs) {
+				return m
 			}
 		}
 	}
-	return 0
+	return nil
 }
 
 func hasLabels(m *dto.Metric, pairs []string) bool {
@@ -48,25 +66,4 @@ func hasLabels(m *dto.Metric, pairs []string) bool {
 		}
 	}
 	return true
-}
-
-// HistogramSum returns the sum of the observations of histogram name
-// gathered from g, from its first series whose labels include the given
-// name/value pairs; 0 when there is none.
-func HistogramSum(g prometheus.Gatherer, name string, labels ...string) float64 {
-	mfs, err := g.Gather()
-	if err != nil {
-		return 0
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if hasLabels(m, labels) && m.Histogram != nil {
-				return m.Histogram.GetSampleSum()
-			}
-		}
-	}
-	return 0
 }
