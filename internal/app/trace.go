@@ -50,6 +50,19 @@ type TracedEvent struct {
 	Stored  time.Time            `json:"stored,omitzero"`
 	Gone    map[string]time.Time `json:"gone"`
 	Missing []string             `json:"missing"`
+	// Batches holds, per region, what the invalidation that confirmed the
+	// event first removed (with the other events of its batch); absent for
+	// receipts that do not say it per server.
+	Batches map[string]TracedBatch `json:"batches,omitempty"`
+}
+
+// TracedBatch is what one invalidation in one region removed: Removed token
+// entries over every server, per server in Servers, for Events events.
+type TracedBatch struct {
+	Events  int                    `json:"events"`
+	Removed int                    `json:"removed"`
+	Swept   bool                   `json:"swept,omitempty"`
+	Servers []stream.ReceiptServer `json:"servers"`
 }
 
 // RunTrace reads every receipt (stream.ReceiptsStream) and prints, for each
@@ -179,6 +192,14 @@ func traceEvents(receipts []stream.Receipt, query string, expect map[string]bool
 			}
 			if g, ok := t.Gone[r.Region]; !ok || r.Gone.Before(g) {
 				t.Gone[r.Region] = r.Gone
+				if len(r.Servers) > 0 {
+					if t.Batches == nil {
+						t.Batches = map[string]TracedBatch{}
+					}
+					t.Batches[r.Region] = TracedBatch{Events: len(r.Events), Removed: r.Removed, Swept: r.Swept, Servers: r.Servers}
+				} else {
+					delete(t.Batches, r.Region)
+				}
 			}
 		}
 	}
@@ -227,9 +248,30 @@ func printTrace(w io.Writer, events []TracedEvent, query string, regions []strin
 			} else {
 				fmt.Fprintf(w, "  %-20s NOT CONFIRMED\n", r)
 			}
+			if b, ok := e.Batches[r]; ok {
+				fmt.Fprintf(w, "  %-20s %s\n", "", b)
+			}
 		}
 		fmt.Fprintf(w, "  confirmed by %d of %d regions\n", len(e.Gone), len(e.Gone)+len(e.Missing))
 	}
+}
+
+// String says what the batch removed, for example "removed 3 token entries
+// (10.0.0.5:11211 1, 10.0.0.6:11211 2) with 2 events".
+func (b TracedBatch) String() string {
+	var per []string
+	for _, s := range b.Servers {
+		if s.Flushed {
+			per = append(per, s.Server+" flushed")
+		} else {
+			per = append(per, fmt.Sprintf("%s %d", s.Server, s.Removed))
+		}
+	}
+	what := fmt.Sprintf("removed %d token entries", b.Removed)
+	if b.Swept {
+		what = fmt.Sprintf("swept every token entry (%d)", b.Removed)
+	}
+	return fmt.Sprintf("%s (%s) with %d event(s)", what, strings.Join(per, ", "), b.Events)
 }
 
 func sortedKeys[V any](m map[string]V) []string {

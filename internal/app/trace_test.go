@@ -21,6 +21,12 @@ func TestTraceEvents(t *testing.T) {
 		rc("regionTwo", time.Millisecond, e1, e3),
 		rc("regionThree", 3*time.Millisecond, e1, e2),
 		rc("regionTwo", 9*time.Millisecond, e1, e2), // a redelivery: the earliest counts
+		{Version: stream.ReceiptVersion, Region: "regionTwo", Stream: "KEYSTONE", Gone: t0.Add(2 * time.Millisecond), Removed: 3,
+			Events:  []stream.ReceiptEvent{{Seq: 4, ID: "m-4"}},
+			Servers: []stream.ReceiptServer{{Server: "a:11211", Removed: 1}, {Server: "b:11211", Removed: 2}}},
+		{Version: stream.ReceiptVersion, Region: "regionTwo", Stream: "KEYSTONE", Gone: t0.Add(7 * time.Millisecond), Removed: 9,
+			Events:  []stream.ReceiptEvent{{Seq: 4, ID: "m-4"}},
+			Servers: []stream.ReceiptServer{{Server: "a:11211", Removed: 9}, {Server: "b:11211"}}},
 	}
 	both := map[string]bool{"regionTwo": true, "regionThree": true}
 	tests := []struct {
@@ -40,6 +46,11 @@ func TestTraceEvents(t *testing.T) {
 		{"an expected region without any receipt", "m-1", map[string]bool{"regionTwo": true, "regionFour": true}, []TracedEvent{{Seq: 1, ID: "m-1", User: "u1", Stored: t0,
 			Gone: map[string]time.Time{"regionTwo": t0.Add(time.Millisecond), "regionThree": t0.Add(3 * time.Millisecond)}, Missing: []string{"regionFour"}}}},
 		{"nothing matches", "m-9", both, []TracedEvent{}},
+		{"per-server removals of the earliest receipt", "m-4", map[string]bool{"regionTwo": true}, []TracedEvent{{Seq: 4, ID: "m-4",
+			Gone:    map[string]time.Time{"regionTwo": t0.Add(2 * time.Millisecond)},
+			Missing: []string{},
+			Batches: map[string]TracedBatch{"regionTwo": {Events: 1, Removed: 3, Servers: []stream.ReceiptServer{{Server: "a:11211", Removed: 1}, {Server: "b:11211", Removed: 2}}}},
+		}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -74,6 +85,25 @@ func TestJudgeRegionalMirror(t *testing.T) {
 			}
 			if tt.reason != "" && (len(res.Problems) != 1 || !strings.Contains(res.Problems[0].Reason, tt.reason)) {
 				t.Fatalf("problems %+v, want one saying %q", res.Problems, tt.reason)
+			}
+		})
+	}
+}
+
+func TestTracedBatchString(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		b    TracedBatch
+		want string
+	}{
+		{"targeted", TracedBatch{Events: 2, Removed: 3, Servers: []stream.ReceiptServer{{Server: "a:11211", Removed: 1}, {Server: "b:11211", Removed: 2}}},
+			"removed 3 token entries (a:11211 1, b:11211 2) with 2 event(s)"},
+		{"swept, one server flushed", TracedBatch{Events: 1, Removed: 7, Swept: true, Servers: []stream.ReceiptServer{{Server: "a:11211", Removed: 7}, {Server: "b:11211", Flushed: true}}},
+			"swept every token entry (7) (a:11211 7, b:11211 flushed) with 1 event(s)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tc.b.String(); got != tc.want {
+				t.Fatalf("got  %q\nwant %q", got, tc.want)
 			}
 		})
 	}
