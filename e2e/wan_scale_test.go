@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"strconv"
 	"strings"
@@ -92,24 +93,30 @@ func TestWANManyRegions(t *testing.T) {
 		r.partition(t, false)
 	}
 	t.Logf("%d regions healed after %s", nCut, heal.Sub(fault).Round(time.Millisecond))
-	took := e.waitCaughtUp(cut, x.gone, 15*time.Minute)
-	var all []time.Duration
+	took, resumed := e.waitCaughtUp(cut, x.gone, 15*time.Minute)
+	var all, res []time.Duration
 	for _, r := range cut {
-		t.Logf("CATCHUP %s: %d missed events, caught up %s after the heal", r.name, len(msgs), took[r.name].Round(time.Millisecond))
-		all = append(all, took[r.name])
+		t.Logf("CATCHUP %s: %d missed events, resumed %s and caught up %s after the heal", r.name, len(msgs),
+			resumed[r.name].Round(time.Millisecond), took[r.name].Round(time.Millisecond))
+		all, res = append(all, took[r.name]), append(res, resumed[r.name])
 	}
-	t.Logf("CATCHUP %d regions partitioned for %s during a burst of %d events, %d regions in all, links %s ± %s, loss %g: from the heal to caught up %s",
-		nCut, heal.Sub(fault).Round(time.Second), len(msgs), n, *flagWANDelay, *flagWANJitter, *flagWANLoss, summarize(all))
+	t.Logf("CATCHUP %d regions partitioned for %s during a burst of %d events, %d regions in all, links %s ± %s, loss %g: from the heal to resumed %s; to caught up %s",
+		nCut, heal.Sub(fault).Round(time.Second), len(msgs), n, *flagWANDelay, *flagWANJitter, *flagWANLoss, summarize(res), summarize(all))
 	e.verify(x)
 }
 
 // waitCaughtUp waits until each region's consumer has acknowledged every
 // event of the stream and no entry of gone is left in it, and returns how
-// long each took from the call.
-func (e *env) waitCaughtUp(regions []*region, gone []string, timeout time.Duration) map[string]time.Duration {
+// long each took from the call, and how long until its consumer's ack floor
+// first moved (the region reconnected and resumed).
+func (e *env) waitCaughtUp(regions []*region, gone []string, timeout time.Duration) (took, resumed map[string]time.Duration) {
 	e.t.Helper()
 	start := time.Now()
-	took := map[string]time.Duration{}
+	took, resumed = map[string]time.Duration{}, map[string]time.Duration{}
+	floor0 := map[string]uint64{}
+	for _, r := range regions {
+		floor0[r.name] = e.consumerAckFloor(r.name)
+	}
 	keys := tokenKeys(gone)
 	testutil.EventuallyEvery(e.t, 50*time.Millisecond, timeout, "the healed regions to catch up", func() (bool, string) {
 		var waiting []string
@@ -117,10 +124,16 @@ func (e *env) waitCaughtUp(regions []*region, gone []string, timeout time.Durati
 			if _, ok := took[r.name]; ok {
 				continue
 			}
+			if _, ok := resumed[r.name]; !ok && e.consumerAckFloor(r.name) > floor0[r.name] {
+				resumed[r.name] = time.Since(start)
+			}
 			acked, why := e.allAcked([]*region{r})
 			if acked {
 				if clean, seen := e.noneCached([]*region{r}, keys); clean {
 					took[r.name] = time.Since(start)
+					if _, ok := resumed[r.name]; !ok {
+						resumed[r.name] = took[r.name]
+					}
 					continue
 				} else {
 					why = seen
@@ -130,7 +143,19 @@ func (e *env) waitCaughtUp(regions []*region, gone []string, timeout time.Durati
 		}
 		return len(waiting) == 0, strings.Join(waiting[:min(3, len(waiting))], "; ")
 	})
-	return took
+	return took, resumed
+}
+
+// consumerAckFloor is the stream sequence of the region's ack floor (0 when
+// unknown).
+func (e *env) consumerAckFloor(name string) uint64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	c, err := e.js.Consumer(ctx, streamName, name)
+	if err != nil {
+		return 0
+	}
+	return c.CachedInfo().AckFloor.Stream
 }
 
 // TestWANMeasure (-e2e.wan-measure=10,100): for each number of regions, a

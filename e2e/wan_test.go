@@ -293,12 +293,22 @@ func (e *env) startWANRegions() {
 		r.agent.wrap = []string{"ip", "netns", "exec", r.wan.ns}
 	}
 	t.Cleanup(func() {
-		if t.Failed() {
-			for _, r := range e.regions {
-				if r.wan.leaf != nil {
-					t.Log(r.wan.leaf.logTail(40))
+		if !t.Failed() {
+			return
+		}
+		// The leaf nodes of regions whose agent is not ready, a few.
+		shown := 0
+		for _, r := range e.regions {
+			if r.wan.leaf == nil || shown == 5 {
+				continue
+			}
+			if r.agent.running() {
+				if code, _, err := httpGet("http://" + r.agent.addr() + "/readyz"); err == nil && code == 200 {
+					continue
 				}
 			}
+			t.Log(r.wan.leaf.logTail(40))
+			shown++
 		}
 	})
 }

@@ -150,7 +150,8 @@ func Start(o Options) (*Server, error) {
 	}
 	if o.LeafListen != "" {
 		lhost, lport, _ := splitHostPort(o.LeafListen)
-		so.LeafNode = server.LeafNodeOpts{Host: lhost, Port: lport}
+		// NoAdvertise: a loopback URL is of no use to a leaf node elsewhere.
+		so.LeafNode = server.LeafNodeOpts{Host: lhost, Port: lport, NoAdvertise: true}
 	}
 	so.JetStreamDomain = o.JetStreamDomain
 	srv, err := server.NewServer(so)
