@@ -89,11 +89,12 @@ func TestWANManyRegions(t *testing.T) {
 		testutil.Eventually(t, x.timeout, "the regions not partitioned to acknowledge every event", func() (bool, string) {
 			return e.allAcked(others)
 		})
+		acked := time.Now()
 		xo := x
 		xo.regions = others
-		v := e.verify(xo)
-		t.Logf("the %d regions not partitioned finished the burst: entries gone %s and acknowledged %s after the last publish",
-			len(others), durSince(published, v.gone), durSince(published, v.acked))
+		e.verify(xo)
+		t.Logf("the %d regions not partitioned finished the burst: every event acknowledged %s after the last publish",
+			len(others), durSince(published, acked))
 	}
 	if ok, _ := e.noneCached(cut, tokenKeys(x.gone)); ok {
 		t.Fatalf("expected the partitioned regions to still hold entries (they cannot have heard of the events); they hold none")
