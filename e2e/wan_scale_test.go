@@ -221,7 +221,7 @@ func measureWAN(t *testing.T, n int) {
 	// Latency, one notification at a time.
 	victims := e.work.victims(wanMeasureSamples, 1)
 	e.writeEntries(allEntries(victims))
-	var lat, added []time.Duration
+	var lat, added, central, regional []time.Duration
 	for _, v := range victims {
 		m, o := v.notification(time.Now())
 		done := rc.expect(o.msgID, n)
@@ -236,10 +236,16 @@ func measureWAN(t *testing.T, n int) {
 		d := last.Sub(start)
 		lat = append(lat, d)
 		added = append(added, d-wo.delay)
+		if st := rc.storedAt(o.msgID); !st.IsZero() {
+			central = append(central, st.Sub(start))
+			regional = append(regional, last.Sub(st))
+		}
 	}
 	e.verify(expect{gone: victimTokens(victims), timeout: 10 * time.Minute})
 	t.Logf("WAN latency (%s): publish to RabbitMQ -> entry gone in every region: %s", link, summarize(lat))
 	t.Logf("WAN latency (%s): the same minus the one-way delay: %s", link, summarize(added))
+	t.Logf("WAN latency (%s): of which publish -> stored in the stream (regionOne): %s; stored -> gone in the last region: %s",
+		link, summarize(central), summarize(regional))
 
 	// Bytes per event: a burst.
 	const burstN = 1000
@@ -271,9 +277,10 @@ func measureWAN(t *testing.T, n int) {
 
 // receiptCollector follows the regions' receipts on the central side.
 type receiptCollector struct {
-	mu    sync.Mutex
-	gone  map[string]map[string]time.Time // event id -> region -> gone
-	waits map[string]*receiptWait
+	mu     sync.Mutex
+	gone   map[string]map[string]time.Time // event id -> region -> gone
+	stored map[string]time.Time            // event id -> when the stream stored it
+	waits  map[string]*receiptWait
 }
 
 type receiptWait struct {
@@ -283,7 +290,7 @@ type receiptWait struct {
 
 func (e *env) receiptCollector() *receiptCollector {
 	e.t.Helper()
-	rc := &receiptCollector{gone: map[string]map[string]time.Time{}, waits: map[string]*receiptWait{}}
+	rc := &receiptCollector{gone: map[string]map[string]time.Time{}, stored: map[string]time.Time{}, waits: map[string]*receiptWait{}}
 	sub, err := e.nc.Subscribe(stream.ReceiptSubjectPrefix+".>", func(m *nats.Msg) {
 		r, err := stream.UnmarshalReceipt(m.Data)
 		if err != nil {
@@ -299,6 +306,9 @@ func (e *env) receiptCollector() *receiptCollector {
 			}
 			if _, ok := g[r.Region]; !ok {
 				g[r.Region] = r.Gone
+			}
+			if !ev.Stored.IsZero() {
+				rc.stored[ev.ID] = ev.Stored
 			}
 			if w := rc.waits[ev.ID]; w != nil && len(g) == w.regions {
 				var last time.Time
@@ -330,6 +340,13 @@ func (rc *receiptCollector) expect(id string, regions int) <-chan time.Time {
 	w := &receiptWait{regions: regions, done: make(chan time.Time, 1)}
 	rc.waits[id] = w
 	return w.done
+}
+
+// storedAt is when the stream stored event id (zero when no receipt said).
+func (rc *receiptCollector) storedAt(id string) time.Time {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return rc.stored[id]
 }
 
 func (rc *receiptCollector) missing(id string) string {
