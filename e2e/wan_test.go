@@ -193,7 +193,9 @@ func killNamespace(ns string) {
 }
 
 // wanSubnet is the /30 of a process's n-th region: 10.213.0.0/16, a /22 per
-// process (by pid) and a /30 per region in it (up to 256 regions).
+// process (by pid) and a /30 per region in it (up to 256 regions). The range
+// is on no interface or route of the test machines; its addresses exist only
+// on the tests' veth pairs, the namespace side inside its namespace.
 func wanSubnet(n int) (root, ns string) {
 	block := os.Getpid() % 64
 	n %= 256
