@@ -236,6 +236,7 @@ func (e *env) readStream() ([]streamMsg, error) {
 		return nil, err
 	}
 	var out []streamMsg
+	empty := 0 // consecutive fetches that got nothing (a saturated machine may answer late)
 	for len(out) < total {
 		batch, err := cons.Fetch(min(total-len(out), 1000), jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {
@@ -256,8 +257,12 @@ func (e *env) readStream() ([]streamMsg, error) {
 			return nil, err
 		}
 		if n == 0 {
-			return nil, fmt.Errorf("read %d of %d messages, then nothing", len(out), total)
+			if empty++; empty == 6 {
+				return nil, fmt.Errorf("read %d of %d messages, then nothing in 6 fetches of 5 s", len(out), total)
+			}
+			continue
 		}
+		empty = 0
 	}
 	return out, nil
 }

@@ -50,6 +50,9 @@ type envOptions struct {
 	strategy string
 	// agentArgs and bridgeArgs are extra flags.
 	agentArgs, bridgeArgs []string
+	// wan, when not nil, puts every region in its own network namespace
+	// behind a simulated WAN link, with its own leaf node (wan_test.go).
+	wan *wanOptions
 }
 
 // env is one test's deployment: regionOne's RabbitMQ exchange (declared as
@@ -97,6 +100,7 @@ type region struct {
 	cache     *kmwtest.Cache
 	natsProxy []*tcpproxy.Proxy // one per NATS node
 	agent     *proc
+	wan       *wanRegion // with envOptions.wan
 }
 
 // sentMsg is a published AMQP message and what must become of it.
@@ -146,7 +150,11 @@ func newEnv(t *testing.T, o envOptions) *env {
 	e.startRabbitMQ()
 
 	start := time.Now()
-	e.startRegions()
+	if o.wan != nil {
+		e.startWANRegions()
+	} else {
+		e.startRegions()
+	}
 	t.Logf("%d regions x %d memcached servers and their keystonemiddleware caches started in %s",
 		o.regions, o.serversPerRegion, time.Since(start).Round(time.Millisecond))
 
@@ -264,6 +272,7 @@ func (e *env) startNATS() {
 	t.Helper()
 	if !e.o.cluster {
 		o := natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir(), ServerName: "e2e-nats"}
+		e.o.wan.configure(&o)
 		srv, err := natsserver.Start(o)
 		if err != nil {
 			t.Fatalf("starting the NATS server: %v", err)
@@ -271,7 +280,7 @@ func (e *env) startNATS() {
 		n := &natsNode{srv: srv, opts: o, addr: srv.Addr()}
 		e.nodes = []*natsNode{n}
 	} else {
-		for _, srv := range testutil.StartNATSCluster(t, 3, "e2e-"+e.suffix) {
+		for _, srv := range testutil.StartNATSCluster(t, 3, "e2e-"+e.suffix, e.o.wan.configure) {
 			e.nodes = append(e.nodes, &natsNode{srv: srv, opts: srv.Options(), addr: srv.Addr()})
 		}
 	}

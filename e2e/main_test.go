@@ -33,14 +33,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binary = filepath.Join(dir, "keystone-fanout")
-	goTool := "go"
-	if root := os.Getenv("GOROOT"); root != "" {
-		if p := filepath.Join(root, "bin", "go"); fileExists(p) {
-			goTool = p
-		}
-	}
 	start := time.Now()
-	cmd := exec.Command(goTool, "build", "-o", binary, "github.com/keystone-fanout/keystone-fanout/cmd/keystone-fanout")
+	cmd := exec.Command(goTool(), "build", "-o", binary, "github.com/keystone-fanout/keystone-fanout/cmd/keystone-fanout")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintf(os.Stderr, "e2e: building cmd/keystone-fanout: %v\n", err)
@@ -53,6 +47,16 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
+}
+
+// goTool is the go command of the toolchain running the tests.
+func goTool() string {
+	if root := os.Getenv("GOROOT"); root != "" {
+		if p := filepath.Join(root, "bin", "go"); fileExists(p) {
+			return p
+		}
+	}
+	return "go"
 }
 
 func fileExists(p string) bool {

@@ -29,6 +29,9 @@ type proc struct {
 	name    string
 	args    []string
 	logPath string
+	// wrap, when not empty, is the command the binary runs under (ip netns
+	// exec NAME for an agent in its region's network namespace).
+	wrap []string
 
 	mu       sync.Mutex
 	cmd      *exec.Cmd
@@ -70,9 +73,10 @@ func (p *proc) startNoWait() {
 		p.t.Fatalf("%s: log file: %v", p.name, err)
 	}
 	p.starts++
-	fmt.Fprintf(f, "=== %s start #%d at %s: %s %s\n", p.name, p.starts, time.Now().Format(time.RFC3339Nano),
-		binary, strings.Join(p.args, " "))
-	cmd := exec.Command(binary, p.args...)
+	argv := append(append(append([]string(nil), p.wrap...), binary), p.args...)
+	fmt.Fprintf(f, "=== %s start #%d at %s: %s\n", p.name, p.starts, time.Now().Format(time.RFC3339Nano),
+		strings.Join(argv, " "))
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = cleanProcessEnv()
 	w := &logScanner{f: f, onAddr: p.setAddr}
 	cmd.Stdout = w

@@ -7,7 +7,9 @@
 #                                   keystonemiddleware (cache entries in tests are
 #                                   written by its own code), a real Keystone, and
 #                                   promtool (Debian's prometheus package, never
-#                                   started) to check deploy/prometheus's rules
+#                                   started) to check deploy/prometheus's rules,
+#                                   and iproute2 and iptables for the end-to-end
+#                                   tests' WAN regions
 #
 # A service that cannot be installed or does not come up is an error: the script
 # exits non-zero and says which.
@@ -46,7 +48,8 @@ if [ ! -e "$policy" ]; then
 fi
 
 packages=(memcached)
-$tests && packages+=(python3-keystonemiddleware python3-memcache python3-oslo.cache python3-oslo.config prometheus)
+$tests && packages+=(python3-keystonemiddleware python3-memcache python3-oslo.cache python3-oslo.config prometheus
+  iproute2 iptables) # e2e's WAN regions: network namespaces, veth pairs, packet loss and partitions
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -36,6 +36,14 @@ type Options struct {
 	Cluster     string
 	ClusterName string
 	Routes      []string
+	// LeafListen, when not empty, is a loopback address ("host:port", port -1
+	// or 0 for a free one) where the server accepts leaf-node connections
+	// (unauthenticated, like its clients). Default: none.
+	LeafListen string
+	// JetStreamDomain, when not empty, names the server's JetStream domain,
+	// so that clients behind leaf nodes reach its streams as
+	// $JS.<domain>.API (--js-domain). Default: none.
+	JetStreamDomain string
 	// ReadyTimeout bounds how long Start waits for the server to accept clients.
 	// Default 10 s.
 	ReadyTimeout time.Duration
@@ -82,6 +90,16 @@ func (o *Options) Validate() error {
 		} else if !loopback(host) {
 			errs = append(errs, fmt.Errorf("cluster address %q: the embedded server's routes are not authenticated: loopback only", o.Cluster))
 		}
+	}
+	if o.LeafListen != "" {
+		if host, _, err := splitHostPort(o.LeafListen); err != nil {
+			errs = append(errs, fmt.Errorf("leaf-node address %q: %w", o.LeafListen, err))
+		} else if !loopback(host) {
+			errs = append(errs, fmt.Errorf("leaf-node address %q: the embedded server's leaf nodes are not authenticated: loopback only", o.LeafListen))
+		}
+	}
+	if strings.ContainsAny(o.JetStreamDomain, ". *>\t") {
+		errs = append(errs, fmt.Errorf("JetStream domain %q: must not contain dots, spaces or wildcards", o.JetStreamDomain))
 	}
 	return errors.Join(errs...)
 }
@@ -130,6 +148,12 @@ func Start(o Options) (*Server, error) {
 		so.Cluster = server.ClusterOpts{Name: o.ClusterName, Host: chost, Port: cport}
 		so.Routes = server.RoutesFromStr(strings.Join(o.Routes, ","))
 	}
+	if o.LeafListen != "" {
+		lhost, lport, _ := splitHostPort(o.LeafListen)
+		// NoAdvertise: a loopback URL is of no use to a leaf node elsewhere.
+		so.LeafNode = server.LeafNodeOpts{Host: lhost, Port: lport, NoAdvertise: true}
+	}
+	so.JetStreamDomain = o.JetStreamDomain
 	srv, err := server.NewServer(so)
 	if err != nil {
 		return nil, fmt.Errorf("embedded NATS server: %w", err)
@@ -151,6 +175,18 @@ func (s *Server) Addr() string {
 		return a.String()
 	}
 	return s.opts.Listen
+}
+
+// LeafAddr is the bound leaf-node address, "host:port", or "" without
+// LeafListen.
+func (s *Server) LeafAddr() string {
+	if s.opts.LeafListen == "" {
+		return ""
+	}
+	if v, err := s.srv.Varz(nil); err == nil && v.LeafNode.Port > 0 {
+		return net.JoinHostPort(v.LeafNode.Host, strconv.Itoa(v.LeafNode.Port))
+	}
+	return ""
 }
 
 // ClusterAddr is the bound cluster address, "host:port", or "" without a cluster.

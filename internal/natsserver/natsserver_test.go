@@ -26,6 +26,9 @@ func TestValidateLoopbackOnly(t *testing.T) {
 		{"cluster on every interface", Options{Listen: "127.0.0.1:4222", DataDir: "d", Cluster: "0.0.0.0:6222"}, "routes are not authenticated"},
 		{"cluster on loopback", Options{Listen: "127.0.0.1:4222", DataDir: "d", Cluster: "127.0.0.1:-1"}, ""},
 		{"no data dir", Options{Listen: "127.0.0.1:4222"}, "--data-dir"},
+		{"leaf nodes on loopback", Options{DataDir: "d", LeafListen: "127.0.0.1:-1", JetStreamDomain: "central"}, ""},
+		{"leaf nodes on every interface", Options{DataDir: "d", LeafListen: "0.0.0.0:7422"}, "leaf nodes are not authenticated"},
+		{"a domain with a dot", Options{DataDir: "d", JetStreamDomain: "central.one"}, "JetStream domain"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

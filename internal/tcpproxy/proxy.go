@@ -4,14 +4,19 @@
 // nothing is closed, so only heartbeats notice), and refuse new connections
 // (the peer is down).
 //
-// It is test infrastructure: it listens on 127.0.0.1 on a free port and
-// forwards every accepted connection to one target address.
+// It is test infrastructure: it listens on 127.0.0.1 on a free port (or the
+// address StartWith is given) and forwards every accepted connection to one
+// target address. StartWith can also delay each direction, as a long network
+// link does, and every proxy counts the bytes it forwards each way.
 package tcpproxy
 
 import (
 	"errors"
+	"fmt"
+	"math/rand/v2"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -20,6 +25,9 @@ import (
 type Proxy struct {
 	target string
 	ln     net.Listener
+	o      Options
+
+	up, down atomic.Int64 // bytes written to the target, to the clients
 
 	mu       sync.Mutex
 	conns    map[*pair]struct{}
@@ -50,22 +58,80 @@ func (p *pair) close() {
 // DialTimeout bounds the proxy's connection to the target.
 const DialTimeout = 5 * time.Second
 
+// Options shape a proxy made with StartWith. The zero value is Start's proxy:
+// loopback, no delay.
+type Options struct {
+	// Listen is the address to listen on, "host:port"; default "127.0.0.1:0"
+	// (a free loopback port).
+	Listen string
+	// Up delays the bytes going to the target, Down those coming back.
+	Up, Down Delay
+}
+
+// Delay holds back every chunk of bytes read from one side for Base plus a
+// uniformly random offset in [-Jitter, +Jitter] before writing it to the
+// other side, but never before the previous chunk of the same connection and
+// direction: a chunk is delivered at max(previous delivery, arrival + Base +
+// offset). Bytes are never reordered (TCP would not reorder them either), so
+// jitter bunches chunks instead: the delay a chunk sees is at least
+// Base-Jitter. The zero Delay forwards at once.
+type Delay struct {
+	Base, Jitter time.Duration
+}
+
+// Validate checks the options without listening; it returns every problem.
+func (o Options) Validate() error {
+	var errs []error
+	if o.Listen != "" {
+		if _, _, err := net.SplitHostPort(o.Listen); err != nil {
+			errs = append(errs, fmt.Errorf("tcpproxy: listen address %q: %w", o.Listen, err))
+		}
+	}
+	for _, d := range []struct {
+		name string
+		d    Delay
+	}{{"up", o.Up}, {"down", o.Down}} {
+		if d.d.Base < 0 || d.d.Jitter < 0 {
+			errs = append(errs, fmt.Errorf("tcpproxy: %s delay %s ± %s: negative", d.name, d.d.Base, d.d.Jitter))
+		} else if d.d.Jitter > d.d.Base {
+			errs = append(errs, fmt.Errorf("tcpproxy: %s delay %s ± %s: the jitter exceeds the delay", d.name, d.d.Base, d.d.Jitter))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Start listens on a free loopback port and forwards to target ("host:port").
 // Close it when done.
-func Start(target string) (*Proxy, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+func Start(target string) (*Proxy, error) { return StartWith(target, Options{}) }
+
+// StartWith listens as o says and forwards to target ("host:port"), delaying
+// each direction by o.Up and o.Down. Invalid options are an error before
+// anything listens. Close it when done.
+func StartWith(target string, o Options) (*Proxy, error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
+	if o.Listen == "" {
+		o.Listen = "127.0.0.1:0"
+	}
+	ln, err := net.Listen("tcp", o.Listen)
 	if err != nil {
 		return nil, err
 	}
 	resumed := make(chan struct{})
 	close(resumed)
-	p := &Proxy{target: target, ln: ln, conns: map[*pair]struct{}{}, resumed: resumed}
+	p := &Proxy{target: target, ln: ln, o: o, conns: map[*pair]struct{}{}, resumed: resumed}
 	p.wg.Add(1)
 	go p.acceptLoop()
 	return p, nil
 }
 
-// Addr is the proxy's listening address, "127.0.0.1:port".
+// Bytes returns how many bytes the proxy has written to the target (up) and
+// back to its clients (down) so far, over every connection.
+func (p *Proxy) Bytes() (up, down int64) { return p.up.Load(), p.down.Load() }
+
+// Addr is the proxy's listening address, "host:port" ("127.0.0.1:port" for
+// Start).
 func (p *Proxy) Addr() string { return p.ln.Addr().String() }
 
 // Target is the address connections are forwarded to.
@@ -198,34 +264,94 @@ func (p *Proxy) serve(client net.Conn) {
 		p.mu.Unlock()
 	}()
 	finished := make(chan struct{}, 2)
-	go func() { p.copy(pr, up, client); finished <- struct{}{} }()
-	go func() { p.copy(pr, client, up); finished <- struct{}{} }()
+	go func() { p.copy(pr, up, client, p.o.Up, &p.up); finished <- struct{}{} }()
+	go func() { p.copy(pr, client, up, p.o.Down, &p.down); finished <- struct{}{} }()
 	<-finished
 	pr.close() // one direction ended: end the other
 	<-finished
 }
 
 // copy forwards src to dst until either fails or pr is closed, waiting while
-// the proxy is paused before each write.
-func (p *Proxy) copy(pr *pair, dst, src net.Conn) {
-	buf := make([]byte, 32*1024)
+// the proxy is paused before each write, and counts the bytes written. With a
+// delay, a reader queues timed chunks and a writer delivers them in order;
+// when src ends, what was read is still delivered before copy returns.
+func (p *Proxy) copy(pr *pair, dst, src net.Conn, d Delay, written *atomic.Int64) {
+	if d == (Delay{}) {
+		buf := make([]byte, 32*1024)
+		for {
+			n, err := src.Read(buf)
+			if n > 0 && !p.write(pr, dst, buf[:n], written) {
+				return
+			}
+			if err != nil { // io.EOF or a closed connection alike
+				return
+			}
+		}
+	}
+	type chunk struct {
+		b  []byte
+		at time.Time
+	}
+	queue := make(chan chunk, 1024)
+	wrote := make(chan struct{})
+	go func() {
+		defer close(wrote)
+		timer := time.NewTimer(0)
+		defer timer.Stop()
+		for c := range queue {
+			if wait := time.Until(c.at); wait > 0 {
+				timer.Reset(wait)
+				select {
+				case <-timer.C:
+				case <-pr.done:
+					return
+				}
+			}
+			if !p.write(pr, dst, c.b, written) {
+				pr.close() // the reader may be blocked on a full queue
+				return
+			}
+		}
+	}()
+	defer func() { <-wrote }()
+	defer close(queue)
+	var last time.Time
 	for {
+		buf := make([]byte, 32*1024)
 		n, err := src.Read(buf)
 		if n > 0 {
-			p.mu.Lock()
-			resumed := p.resumed
-			p.mu.Unlock()
+			at := time.Now().Add(d.Base)
+			if d.Jitter > 0 {
+				at = at.Add(time.Duration(rand.Int64N(int64(2*d.Jitter)+1)) - d.Jitter)
+			}
+			if at.Before(last) {
+				at = last
+			}
+			last = at
 			select {
-			case <-resumed:
+			case queue <- chunk{b: buf[:n], at: at}:
 			case <-pr.done:
 				return
 			}
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
-			}
 		}
-		if err != nil { // io.EOF or a closed connection alike
+		if err != nil {
 			return
 		}
 	}
+}
+
+// write writes b to dst once the proxy is not paused; false when the
+// connection is closed or the write failed.
+func (p *Proxy) write(pr *pair, dst net.Conn, b []byte, written *atomic.Int64) bool {
+	p.mu.Lock()
+	resumed := p.resumed
+	p.mu.Unlock()
+	select {
+	case <-resumed:
+	case <-pr.done:
+		return false
+	}
+	n, err := dst.Write(b)
+	written.Add(int64(n))
+	return err == nil
 }

@@ -3,9 +3,11 @@ package tcpproxy
 import (
 	"bufio"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
+	"strings"
 	"testing"
 	"time"
 )
@@ -177,5 +179,120 @@ func TestCloseEndsEverything(t *testing.T) {
 	}
 	if _, err := net.DialTimeout("tcp", p.Addr(), time.Second); err == nil {
 		t.Fatal("dial after Close: want an error")
+	}
+}
+
+// TestDelayKeepsOrderAndCounts: with a delay and jitter each way, a round
+// trip takes at least both delays less their jitter (a lower bound: a slow
+// machine only adds), many small writes come back in order, and the byte
+// counters see every byte each way.
+func TestDelayKeepsOrderAndCounts(t *testing.T) {
+	o := Options{Up: Delay{Base: 30 * time.Millisecond, Jitter: 10 * time.Millisecond},
+		Down: Delay{Base: 20 * time.Millisecond, Jitter: 10 * time.Millisecond}}
+	p, err := StartWith(echoServer(t), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	c, r := dial(t, p.Addr())
+	start := time.Now()
+	roundTrip(t, c, r, "first")
+	if rt, least := time.Since(start), 30*time.Millisecond; rt < least {
+		t.Fatalf("a round trip took %s; with 30±10 ms up and 20±10 ms down it cannot take less than %s", rt, least)
+	}
+	// Many writes, each its own chunk: jitter must not reorder them.
+	const n = 300
+	var want []byte
+	go func() {
+		for i := range n {
+			line := fmt.Sprintf("line %d\n", i)
+			if _, err := c.Write([]byte(line)); err != nil {
+				return
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+	}()
+	for i := range n {
+		want = append(want, fmt.Sprintf("line %d\n", i)...)
+	}
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(r, got); err != nil {
+		t.Fatalf("reading %d lines back: %v", n, err)
+	}
+	if string(got) != string(want) {
+		t.Fatalf("bytes came back reordered or changed through the delaying proxy")
+	}
+	total := int64(len("first\n") + len(want))
+	waitFor(t, "the counters to see every byte", func() bool {
+		up, down := p.Bytes()
+		return up == total && down == total
+	})
+}
+
+// TestDelayDeliversBeforeClosing: what was read before the client closed
+// is still delivered to the target after the delay.
+func TestDelayDeliversBeforeClosing(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	got := make(chan string, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+	}()
+	p, err := StartWith(ln.Addr().String(), Options{Up: Delay{Base: 50 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	c, _ := dial(t, p.Addr())
+	c.Write([]byte("last words"))
+	c.Close()
+	select {
+	case s := <-got:
+		if s != "last words" {
+			t.Fatalf("the target read %q, want %q", s, "last words")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the target read nothing")
+	}
+}
+
+func TestOptionsValidate(t *testing.T) {
+	tests := []struct {
+		name    string
+		o       Options
+		wantErr string
+	}{
+		{"zero", Options{}, ""},
+		{"listen and delays", Options{Listen: "127.0.0.1:0", Up: Delay{Base: time.Second, Jitter: time.Second}}, ""},
+		{"bad listen", Options{Listen: "127.0.0.1"}, "listen address"},
+		{"negative", Options{Down: Delay{Base: -time.Second}}, "negative"},
+		{"jitter above the delay", Options{Up: Delay{Base: time.Millisecond, Jitter: 2 * time.Millisecond}}, "exceeds"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := tt.o.Validate()
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatalf("Validate: %v, want nil", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("Validate: %v, want an error containing %q", err, tt.wantErr)
+			}
+			if _, err := StartWith("127.0.0.1:1", tt.o); err == nil {
+				t.Fatal("StartWith accepted invalid options")
+			}
+		})
 	}
 }

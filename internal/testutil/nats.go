@@ -26,16 +26,22 @@ func StartNATS(t testing.TB) *natsserver.Server {
 // when the test ends. Node i routes to the nodes before it and gossip
 // completes the mesh. JetStream in a cluster needs a configured route even
 // on the first node, started before any other's address is known: its route
-// is a listener the test holds, which refuses to speak NATS.
-func StartNATSCluster(t testing.TB, n int, name string) []*natsserver.Server {
+// is a listener the test holds, which refuses to speak NATS. Each configure
+// function may change a node's options before it starts (leaf-node port,
+// JetStream domain).
+func StartNATSCluster(t testing.TB, n int, name string, configure ...func(*natsserver.Options)) []*natsserver.Server {
 	t.Helper()
 	holder, _ := CountingListener(t) // closed after the servers stopped
 	routes := []string{"nats://" + holder}
 	var servers []*natsserver.Server
 	for i := range n {
-		s, err := natsserver.Start(natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir(),
+		o := natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir(),
 			ServerName: fmt.Sprintf("%s-n%d", name, i+1), Cluster: "127.0.0.1:-1", ClusterName: name,
-			Routes: routes, ReadyTimeout: 30 * time.Second})
+			Routes: routes, ReadyTimeout: 30 * time.Second}
+		for _, c := range configure {
+			c(&o)
+		}
+		s, err := natsserver.Start(o)
 		if err != nil {
 			t.Fatalf("starting NATS cluster node %d: %v", i+1, err)
 		}

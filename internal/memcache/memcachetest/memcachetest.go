@@ -7,6 +7,7 @@ package memcachetest
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -43,6 +44,11 @@ type Options struct {
 	// Env are extra environment variables ("NAME=value") of the process,
 	// for example SASL_CONF_PATH for a server started with -S.
 	Env []string
+	// Listen is the address memcached listens on (-l); default 127.0.0.1.
+	Listen string
+	// Wrap, when not empty, is a command memcached runs under, for example
+	// ip netns exec NAME to run it in a network namespace.
+	Wrap []string
 }
 
 // Server is one memcached process.
@@ -56,6 +62,8 @@ type Server struct {
 	args     []string
 	portFile string
 	env      []string
+	host     string
+	wrap     []string
 	mu       sync.Mutex
 	cmd      *exec.Cmd
 	done     chan struct{}
@@ -81,8 +89,9 @@ func StartWith(t testing.TB, n int, o Options) []*Server {
 	}
 	out := make([]*Server, 0, n)
 	for range n {
-		s := &Server{t: t, CAFile: caFile, portFile: filepath.Join(t.TempDir(), "ports"), env: o.Env}
-		s.args = []string{"-l", "127.0.0.1", "-U", "0", "-m", strconv.Itoa(o.MemoryMB), "-c", "1024", "-t", "2"}
+		s := &Server{t: t, CAFile: caFile, portFile: filepath.Join(t.TempDir(), "ports"), env: o.Env,
+			host: cmp.Or(o.Listen, "127.0.0.1"), wrap: o.Wrap}
+		s.args = []string{"-l", s.host, "-U", "0", "-m", strconv.Itoa(o.MemoryMB), "-c", "1024", "-t", "2"}
 		if os.Geteuid() == 0 {
 			s.args = append(s.args, "-u", "root")
 		}
@@ -126,7 +135,8 @@ func (s *Server) start() error {
 		_, port, _ = net.SplitHostPort(s.Addr)
 	}
 	_ = os.Remove(s.portFile)
-	cmd := exec.Command(Binary, append([]string{"-p", port}, s.args...)...)
+	argv := append(append(append([]string(nil), s.wrap...), Binary, "-p", port), s.args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(append(os.Environ(), s.env...), "MEMCACHED_PORT_FILENAME="+s.portFile)
 	var stderr bytes.Buffer
 	cmd.Stdout = &stderr
@@ -144,7 +154,7 @@ func (s *Server) start() error {
 		default:
 		}
 		if s.Addr == "" {
-			s.Addr = boundAddr(s.portFile)
+			s.Addr = boundAddr(s.portFile, s.host)
 		}
 		if s.Addr != "" && ping(s.Addr, s.CAFile != "" || slices.Contains(s.args, "-S") || slices.Contains(s.args, "-B")) == nil {
 			break
@@ -162,14 +172,14 @@ func (s *Server) start() error {
 
 // boundAddr reads the TCP port memcached wrote to its port file ("TCP INET:
 // 12345"); "" until it is there.
-func boundAddr(portFile string) string {
+func boundAddr(portFile, host string) string {
 	b, err := os.ReadFile(portFile)
 	if err != nil {
 		return ""
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if p, ok := strings.CutPrefix(line, "TCP INET: "); ok {
-			return net.JoinHostPort("127.0.0.1", strings.TrimSpace(p))
+			return net.JoinHostPort(host, strings.TrimSpace(p))
 		}
 	}
 	return ""
