@@ -132,7 +132,7 @@ func TestValidateDefaults(t *testing.T) {
 		{"Stream.SubjectPrefix", o.Stream.SubjectPrefix, "keystone"},
 		{"Stream.MaxAge", o.Stream.MaxAge, 24 * time.Hour},
 		{"Stream.Replicas", o.Stream.Replicas, 1},
-		{"Stream.DuplicateWindow", o.Stream.DuplicateWindow, 2 * time.Minute},
+		{"Stream.DuplicateWindow", o.Stream.DuplicateWindow, 10 * time.Minute},
 	}
 	for _, c := range checks {
 		if c.got != c.want {

@@ -47,12 +47,7 @@ func TestWANManyRegions(t *testing.T) {
 		t.Skip("runs only with -e2e.wan-regions=N (100 for the big variant)")
 	}
 	e := newEnv(t, envOptions{regions: n, serversPerRegion: 1,
-		wan: &wanOptions{delay: *flagWANDelay, jitter: *flagWANJitter, loss: *flagWANLoss},
-		// A notification whose publish to JetStream timed out is requeued
-		// behind up to 10,000 others; on a saturated machine it comes back
-		// after more than the default 2 min window and would be stored twice
-		// (docs/OPERATIONS.md: the window must cover the requeue's return).
-		bridgeArgs: []string{"--stream-duplicate-window", "20m"}})
+		wan: &wanOptions{delay: *flagWANDelay, jitter: *flagWANJitter, loss: *flagWANLoss}})
 	w := e.work
 	victims := w.victims(wanBigBurst, 1)
 	var cached []*victim

@@ -41,6 +41,7 @@ func (f *agentFlags) registerAgent(s *config.Set) {
 	s.Seconds(&a.SecondPassDelay, "second-pass-delay", regionagent.DefaultSecondPassDelay, "the same invalidation again after this delay, for validations in flight during the first (0: the default; it cannot be turned off)")
 	s.Seconds(&f.o.Invalidation.TokenLifetime, "token-lifetime", tokencache.DefaultTokenLifetime, "Keystone's [token] expiration: how long a revocation event removes validations of the tokens it revokes written back after it")
 	s.Seconds(&f.o.Invalidation.LateWriteBackWindow, "late-write-back-window", tokencache.DefaultLateWriteBackWindow, "how long a notification removes validations of older tokens it concerns written back after it")
+	s.Duration(&f.o.Invalidation.HeartbeatInterval, "watch-heartbeat", tokencache.DefaultHeartbeatInterval, "how often the agent stores a marker on each memcached server to prove its watch current (one small set each); the index answers only while the last three are confirmed within 500ms, so at most 125ms")
 	s.Seconds(&a.ReplayMargin, "replay-margin", regionagent.DefaultReplayMargin, "added to --token-cache-time when replaying a new consumer's history")
 	s.Int(&a.BatchSize, "batch-size", regionagent.DefaultBatchSize, "most events handled by one invalidation")
 	s.Duration(&a.BatchLinger, "batch-linger", regionagent.DefaultBatchLinger, "how long an idle agent's first event waits for others to share its invalidation (0: no wait)")

@@ -27,7 +27,7 @@ const (
 	DefaultSubjectPrefix    = "keystone"
 	DefaultMaxAge           = 24 * time.Hour
 	DefaultReplicas         = 1
-	DefaultDuplicateWindow  = 2 * time.Minute
+	DefaultDuplicateWindow  = 10 * time.Minute
 	DefaultCheckpointBucket = "keystone-fanout-agents"
 )
 
@@ -47,11 +47,13 @@ type Config struct {
 	// NATS cluster (3 for a production cluster); more than 1 fails on a
 	// single server.
 	Replicas int
-	// DuplicateWindow (--stream-duplicate-window, default 2m) is how long the
-	// stream remembers Nats-Msg-Id values to drop redeliveries and the
+	// DuplicateWindow (--stream-duplicate-window, default 10m) is how long
+	// the stream remembers Nats-Msg-Id values to drop redeliveries and the
 	// publishes of other bridge replicas. It must cover the time a
-	// notification can take to be redelivered (connection loss, restart) and
-	// be at most MaxAge.
+	// notification can take to be redelivered (connection loss, restart, or
+	// a requeue behind a burst of thousands): the default outlives the
+	// bridge queue's message TTL (6 min), after which RabbitMQ drops it. At
+	// most MaxAge.
 	DuplicateWindow time.Duration
 }
 

@@ -1,6 +1,7 @@
 package tokencache
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -92,8 +93,12 @@ type Options struct {
 	// stays in the recent window until issued_before + TokenLifetime, after
 	// which no token it concerns is valid. Default 1h (Keystone's default).
 	TokenLifetime time.Duration
-	// HeartbeatInterval is how often Run stores its marker key on each
-	// server to prove the watcher current (see heartbeatLoop). Default 20ms.
+	// HeartbeatInterval (--watch-heartbeat) is how often Run stores its
+	// marker key on each server to prove the watcher current (see
+	// heartbeatLoop). Three markers confirm the index, so it must be at most
+	// a quarter of MaxConfirmLag. Default 20ms: a marker also wakes
+	// memcached's logger thread, so a longer interval delays the report of
+	// a late write-back by up to the interval.
 	HeartbeatInterval time.Duration
 	// MarkerTimeout is how long the watcher may take to report a marker
 	// before its connection counts as stalled and is reopened. Default 1s.
@@ -163,6 +168,9 @@ func (o *Options) Validate() error {
 		if d.v < 0 {
 			errs = append(errs, fmt.Errorf("invalidator %s %v must not be negative (0 means %v)", d.name, d.v, d.def))
 		}
+	}
+	if hb, lag := cmp.Or(o.HeartbeatInterval, DefaultHeartbeatInterval), cmp.Or(o.MaxConfirmLag, DefaultMaxConfirmLag); hb > 0 && lag > 0 && 4*hb > lag {
+		errs = append(errs, fmt.Errorf("--watch-heartbeat %v: at most %v (a quarter of the confirmation bound %v: three markers confirm the index)", hb, lag/4, lag))
 	}
 	if o.MaxPending < 0 {
 		errs = append(errs, fmt.Errorf("invalidator MaxPending %d must not be negative (0 means %d)", o.MaxPending, DefaultMaxPending))

@@ -882,6 +882,8 @@ func TestOptionsValidate(t *testing.T) {
 		{"huge delete batch", tokencache.Options{DeleteBatch: 1e6}, "DeleteBatch"},
 		{"bad index limit", tokencache.Options{IndexLimit: -2}, "IndexLimit"},
 		{"negative refresh", tokencache.Options{RefreshInterval: -time.Second}, "RefreshInterval"},
+		{"a slower heartbeat", tokencache.Options{HeartbeatInterval: 100 * time.Millisecond}, ""},
+		{"a heartbeat too slow to confirm", tokencache.Options{HeartbeatInterval: 200 * time.Millisecond}, "--watch-heartbeat 200ms: at most 125ms"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
