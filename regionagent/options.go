@@ -239,6 +239,10 @@ type Options struct {
 	// skippedFetchLimit (tests only) bounds the skipped sequences one jump
 	// fetches (default defaultSkippedFetchLimit); negative fetches none.
 	skippedFetchLimit int
+	// skippedRetry (tests only) replaces skippedRetryDelays.
+	skippedRetry []time.Duration
+	// skippedTimeout (tests only) replaces skippedGetTimeout.
+	skippedTimeout time.Duration
 	// noSecondPass (tests only) acknowledges events after their first pass,
 	// unless SecondPassDelay is set.
 	noSecondPass bool

@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 )
 
@@ -49,13 +50,22 @@ const (
 	maxDeletedDetails = 100000
 )
 
+// skippedRetryDelays are the waits before looking again when a jump could
+// not be told apart from a gap because the stream did not answer (NATS or
+// its leaf link away, the stream leader starved): the skipped events are
+// most likely still there, and a sweep would cost the region a
+// re-validation of every token. A true gap is swept at most these (7 s)
+// and their timeouts later; a sequence JetStream says is gone is swept at
+// once.
+var skippedRetryDelays = []time.Duration{time.Second, 2 * time.Second, 4 * time.Second}
+
 // getMsg reads the message at seq from the stream. The stream as the bridge
 // creates it has no direct gets, so the leader answers (jetstream's GetMsg
 // asks any replica when an operator enabled them: one that lags may answer
 // "not found" for a stored message, which is then taken for a gap and
 // costs a sweep, never a stale entry).
-func getMsg(ctx context.Context, s jetstream.Stream, seq uint64) (*jetstream.RawStreamMsg, error) {
-	ctx, cancel := context.WithTimeout(ctx, skippedGetTimeout)
+func getMsg(ctx context.Context, s jetstream.Stream, seq uint64, timeout time.Duration) (*jetstream.RawStreamMsg, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	return s.GetMsg(ctx, seq)
 }
@@ -76,7 +86,7 @@ func (a *Agent) fetchSkipped(ctx context.Context, r seqRange) fetchResult {
 	res := fetchResult{found: map[uint64]*jetstream.RawStreamMsg{}}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	sctx, scancel := context.WithTimeout(ctx, skippedGetTimeout)
+	sctx, scancel := context.WithTimeout(ctx, a.skippedTimeout())
 	s, err := a.js.Stream(sctx, a.o.Stream)
 	scancel()
 	if err != nil {
@@ -89,7 +99,7 @@ func (a *Agent) fetchSkipped(ctx context.Context, r seqRange) fetchResult {
 	for range min(skippedFetchParallel, int(r.len())) {
 		wg.Go(func() {
 			for seq := range seqs {
-				m, err := getMsg(ctx, s, seq)
+				m, err := getMsg(ctx, s, seq, a.skippedTimeout())
 				mu.Lock()
 				switch {
 				case err == nil:
@@ -124,37 +134,45 @@ send:
 }
 
 // goneFromStream tells from the stream's state whether a sequence of r not in
-// known may be gone. why says what decided it.
-func (a *Agent) goneFromStream(ctx context.Context, r seqRange, known map[uint64]*jetstream.RawStreamMsg) (gone bool, why string) {
-	ctx, cancel := context.WithTimeout(ctx, skippedGetTimeout)
+// known may be gone. why says what decided it; unanswered is set when the
+// stream did not answer (gone is then true: it cannot be told).
+func (a *Agent) goneFromStream(ctx context.Context, r seqRange, known map[uint64]*jetstream.RawStreamMsg) (gone bool, why string, unanswered bool) {
+	ctx, cancel := context.WithTimeout(ctx, a.skippedTimeout())
 	defer cancel()
 	s, err := a.js.Stream(ctx, a.o.Stream)
 	if err != nil {
-		return true, fmt.Sprintf("cannot read the stream's state: %v", err)
+		return true, fmt.Sprintf("cannot read the stream's state: %v", err), !errors.Is(err, jetstream.ErrStreamNotFound)
 	}
 	st := s.CachedInfo().State
 	unknown := func(seq uint64) bool { _, ok := known[seq]; return !ok }
 	for seq := r.lo; seq <= r.hi && seq < st.FirstSeq; seq++ {
 		if unknown(seq) {
-			return true, fmt.Sprintf("the stream now starts at sequence %d", st.FirstSeq)
+			return true, fmt.Sprintf("the stream now starts at sequence %d", st.FirstSeq), false
 		}
 	}
 	if st.NumDeleted == 0 {
-		return false, "the stream has no deleted sequence"
+		return false, "the stream has no deleted sequence", false
 	}
 	if st.NumDeleted > maxDeletedDetails {
-		return true, fmt.Sprintf("the stream has %d deleted sequences, too many to list", st.NumDeleted)
+		return true, fmt.Sprintf("the stream has %d deleted sequences, too many to list", st.NumDeleted), false
 	}
 	si, err := s.Info(ctx, jetstream.WithDeletedDetails(true))
 	if err != nil {
-		return true, fmt.Sprintf("cannot list the stream's deleted sequences: %v", err)
+		return true, fmt.Sprintf("cannot list the stream's deleted sequences: %v", err), true
 	}
 	for _, seq := range si.State.Deleted {
 		if r.contains(seq) && unknown(seq) {
-			return true, fmt.Sprintf("sequence %d was deleted", seq)
+			return true, fmt.Sprintf("sequence %d was deleted", seq), false
 		}
 	}
-	return false, "no deleted sequence among them"
+	return false, "no deleted sequence among them", false
+}
+
+func (a *Agent) skippedTimeout() time.Duration {
+	if a.o.skippedTimeout > 0 {
+		return a.o.skippedTimeout
+	}
+	return skippedGetTimeout
 }
 
 // resolveSkipped finds out whether the sequences of r, which the consumer
@@ -166,31 +184,29 @@ func (a *Agent) resolveSkipped(ctx context.Context, gen uint64, r seqRange, next
 	if limit == 0 {
 		limit = defaultSkippedFetchLimit
 	}
+	retries := skippedRetryDelays
+	if a.o.skippedRetry != nil {
+		retries = a.o.skippedRetry
+	}
 	var res fetchResult
-	if limit > 0 && r.len() <= uint64(limit) {
-		fctx, cancel := context.WithTimeout(ctx, skippedResolveTimeout)
-		res = a.fetchSkipped(fctx, r)
-		cancel()
-	} else {
-		res.found = map[uint64]*jetstream.RawStreamMsg{}
-	}
-	if ctx.Err() != nil {
-		// Stopping: the sequences stay unhandled (the checkpoint stays below
-		// them) and the next agent sees them again.
-		return
-	}
-	gap, why := len(res.gone) > 0, "every one fetched"
-	switch {
-	case gap:
-		why = fmt.Sprintf("%d of them are no longer in the stream, for example sequence %d", len(res.gone), res.gone[0])
-	case uint64(len(res.found)) < r.len():
-		gap, why = a.goneFromStream(ctx, r, res.found)
-		if res.failed > 0 {
-			why = fmt.Sprintf("fetching them failed (%v); %s", res.err, why)
+	var gap bool
+	var why string
+	for attempt := 0; ; attempt++ {
+		var unanswered bool
+		res, gap, why, unanswered = a.lookUpSkipped(ctx, r, limit)
+		if ctx.Err() != nil {
+			// Stopping: the sequences stay unhandled (the checkpoint stays
+			// below them) and the next agent sees them again.
+			return
 		}
-	}
-	if ctx.Err() != nil {
-		return
+		if !gap || !unanswered || attempt >= len(retries) {
+			break
+		}
+		a.log.Info("cannot tell whether skipped events are still in the stream; looking again before sweeping",
+			"skipped_from", r.lo, "skipped_to", r.hi, "why", why, "retry_in", retries[attempt])
+		if !backoff.Sleep(ctx, retries[attempt]) {
+			return
+		}
 	}
 	var items []*item
 	var fetched []uint64
@@ -220,6 +236,34 @@ func (a *Agent) resolveSkipped(ctx context.Context, gen uint64, r seqRange, next
 	for _, it := range items {
 		a.enqueue(ctx, it)
 	}
+}
+
+// lookUpSkipped fetches the sequences of r (up to limit; -1: none) and,
+// for those not fetched, asks the stream's state. unanswered is set when the
+// gap verdict comes from the stream not answering rather than from a
+// sequence known to be gone.
+func (a *Agent) lookUpSkipped(ctx context.Context, r seqRange, limit int) (res fetchResult, gap bool, why string, unanswered bool) {
+	if limit > 0 && r.len() <= uint64(limit) {
+		fctx, cancel := context.WithTimeout(ctx, skippedResolveTimeout)
+		res = a.fetchSkipped(fctx, r)
+		cancel()
+	} else {
+		res.found = map[uint64]*jetstream.RawStreamMsg{}
+	}
+	if ctx.Err() != nil {
+		return res, false, "", false
+	}
+	switch {
+	case len(res.gone) > 0:
+		return res, true, fmt.Sprintf("%d of them are no longer in the stream, for example sequence %d", len(res.gone), res.gone[0]), false
+	case uint64(len(res.found)) < r.len():
+		gap, why, unanswered = a.goneFromStream(ctx, r, res.found)
+		if res.failed > 0 {
+			why = fmt.Sprintf("fetching them failed (%v); %s", res.err, why)
+		}
+		return res, gap, why, unanswered
+	}
+	return res, false, "every one fetched", false
 }
 
 // checkSkipped resolves r in the background (see resolveSkipped); checks run

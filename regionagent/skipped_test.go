@@ -3,6 +3,7 @@ package regionagent
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"slices"
 	"testing"
 	"time"
@@ -280,4 +281,86 @@ func TestGapEventDeletedWhileAKilledAgentHeldIt(t *testing.T) {
 	if n := counter(ra.m.resets); n != 1 {
 		t.Fatalf("consumer_resets_total = %v, want 1", n)
 	}
+}
+
+// TestSkippedLookedUpAgain: when the stream does not answer (a black-holed
+// link), a jump is looked up again before it is taken for a gap; once the
+// stream answers, the skipped events are fetched and nothing is swept. A
+// stream that never answers is still a gap.
+func TestSkippedLookedUpAgain(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		resume  bool // the link comes back after the first lookup
+		wantGap bool
+	}{
+		{name: "the stream answers the second time", resume: true},
+		{name: "the stream never answers", wantGap: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := newEnv(t)
+			env.publish(events(1, 6)...)
+			px, err := tcpproxy.Start(env.srv.Addr())
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { px.Close() })
+			nc := connect(t, "nats://"+px.Addr())
+			o := testOptions()
+			o.skippedTimeout = 300 * time.Millisecond
+			o.skippedRetry = []time.Duration{200 * time.Millisecond, 200 * time.Millisecond}
+			retried := make(chan struct{}, 10)
+			log := slog.New(signalHandler{Handler: testutil.Logger(t).Handler(), msg: "cannot tell whether skipped events are still in the stream; looking again before sweeping", c: retried})
+			a, err := New(o, nc, &fakeInvalidator{}, prometheus.NewRegistry(), log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			a.tr.initialized = true
+			px.Pause()
+			if tc.resume {
+				go func() {
+					<-retried
+					px.Resume()
+				}()
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			a.resolveSkipped(ctx, 0, seqRange{2, 4}, time.Now())
+			gaps, fetched := 0, 0
+			for len(a.in) > 0 {
+				if it := <-a.in; it.gap {
+					gaps++
+				} else {
+					fetched++
+				}
+			}
+			if tc.wantGap && (gaps != 1 || len(retried) != len(o.skippedRetry)) {
+				t.Fatalf("%d gap sweeps after %d lookups again, want 1 after %d", gaps, len(retried), len(o.skippedRetry))
+			}
+			if !tc.wantGap && (gaps != 0 || fetched != 3) {
+				t.Fatalf("%d gap sweeps and %d events fetched, want none and 3", gaps, fetched)
+			}
+		})
+	}
+}
+
+// signalHandler sends on c for every record whose message is msg.
+type signalHandler struct {
+	slog.Handler
+	msg string
+	c   chan struct{}
+}
+
+func (h signalHandler) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message == h.msg {
+		h.c <- struct{}{}
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h signalHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return signalHandler{Handler: h.Handler.WithAttrs(as), msg: h.msg, c: h.c}
+}
+
+func (h signalHandler) WithGroup(g string) slog.Handler {
+	return signalHandler{Handler: h.Handler.WithGroup(g), msg: h.msg, c: h.c}
 }
