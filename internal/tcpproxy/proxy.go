@@ -9,6 +9,7 @@
 package tcpproxy
 
 import (
+	"crypto/tls"
 	"errors"
 	"net"
 	"sync"
@@ -57,12 +58,30 @@ func Start(target string) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
+	return start(target, ln), nil
+}
+
+// StartTLS is Start with TLS terminated at the proxy: clients connect with
+// TLS under cfg (its certificate, and ClientAuth/ClientCAs to require client
+// certificates; GetConfigForClient lets a test rotate them), and the proxy
+// forwards the plain bytes to target. A client whose handshake fails is
+// disconnected. Tests use it to put TLS in front of a shared service they
+// must not reconfigure (the machine's RabbitMQ).
+func StartTLS(target string, cfg *tls.Config) (*Proxy, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	return start(target, tls.NewListener(ln, cfg)), nil
+}
+
+func start(target string, ln net.Listener) *Proxy {
 	resumed := make(chan struct{})
 	close(resumed)
 	p := &Proxy{target: target, ln: ln, conns: map[*pair]struct{}{}, resumed: resumed}
 	p.wg.Add(1)
 	go p.acceptLoop()
-	return p, nil
+	return p
 }
 
 // Addr is the proxy's listening address, "127.0.0.1:port".
@@ -178,6 +197,14 @@ func (p *Proxy) acceptLoop() {
 // serve dials the target for the accepted client and forwards both ways.
 func (p *Proxy) serve(client net.Conn) {
 	defer p.wg.Done()
+	if tc, ok := client.(*tls.Conn); ok {
+		tc.SetDeadline(time.Now().Add(DialTimeout))
+		if err := tc.Handshake(); err != nil {
+			client.Close()
+			return
+		}
+		tc.SetDeadline(time.Time{})
+	}
 	up, err := net.DialTimeout("tcp", p.target, DialTimeout)
 	if err != nil {
 		client.Close()

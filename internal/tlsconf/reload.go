@@ -229,3 +229,6 @@ func Explain(err error, f Files, flags FlagNames) error {
 	}
 	return err
 }
+
+// Files returns the files and settings r was made with.
+func (r *Reloader) Files() Files { return r.files }
