@@ -195,10 +195,15 @@ func (p *pool) with(ctx context.Context, op string, fn func(c *conn) error) erro
 				err = fmt.Errorf("%w (%v)", cerr, err)
 			}
 		}
-		if p.tlsConfig != nil && !c.reused {
-			// A new connection's first read is where TLS 1.3 tells of a
-			// client certificate the server refused.
+		if p.tlsConfig != nil && !c.reused && !c.got {
+			// A new connection's first exchange is where TLS 1.3 tells of
+			// a client certificate the server refused: its alert, or only
+			// the connection closed when the alert was lost to a reset.
 			err = tlsconf.Explain(err, p.tlsFiles, memcachedFlags)
+			if p.tlsFiles.Cert != "" && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)) {
+				err = fmt.Errorf("%w (the server closed the connection right after the TLS handshake: it may have refused %s %s)",
+					err, memcachedFlags.Cert, p.tlsFiles.Cert)
+			}
 		}
 		return &ServerError{Server: p.addr.Spec, Op: op, Err: err}
 	}
