@@ -589,7 +589,7 @@ func (e *env) startRegions() {
 			"--region", r.name,
 			"--nats-url", strings.Join(urls, ","),
 			"--stream", streamName,
-			"--memcached", memcachetest.List(r.servers),
+			"--memcached", e.tls.memcachedList(t, r),
 			"--strategy", e.o.strategy,
 			"--token-cache-time", "300",
 			// A short late write-back window: tests cache entries of users

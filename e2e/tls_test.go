@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
+	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
@@ -29,6 +30,7 @@ type tlsEnv struct {
 	caFile, serverCert, serverKey string
 
 	mu      sync.Mutex
+	mcProxy map[string][]*tcpproxy.Proxy // by region: the agents' paths to memcached
 	ca      *testutil.CA
 	clients []string // names of the client certificates issued
 	gen     int
@@ -128,6 +130,32 @@ func (x *tlsEnv) memcachedOptions() memcachetest.Options {
 	return memcachetest.Options{TLSFiles: &memcachetest.TLSFiles{CA: x.caFile, Cert: x.serverCert, Key: x.serverKey, ClientCA: x.caFile}}
 }
 
+// memcachedList is the agent's --memcached: the region's servers, through
+// proxies that forward the TLS connections (so that the test can end them
+// without restarting memcached, which keystonemiddleware's client would
+// then avoid for minutes); without TLS the servers themselves.
+func (x *tlsEnv) memcachedList(t testing.TB, r *region) string {
+	if x == nil {
+		return memcachetest.List(r.servers)
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.mcProxy == nil {
+		x.mcProxy = map[string][]*tcpproxy.Proxy{}
+	}
+	var addrs []string
+	for _, s := range r.servers {
+		px, err := tcpproxy.Start(s.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { px.Close() })
+		x.mcProxy[r.name] = append(x.mcProxy[r.name], px)
+		addrs = append(addrs, px.Addr())
+	}
+	return strings.Join(addrs, ",")
+}
+
 // natsOptions are the TLS options of the test's own NATS connection, which
 // reads the files at every (re)connection too; none without TLS.
 func (x *tlsEnv) natsOptions(t testing.TB) []nats.Option {
@@ -176,8 +204,9 @@ func (x *tlsEnv) bridgeArgs(t testing.TB, name string) []string {
 // rotateTLS writes a new CA and new certificates over the old files and makes
 // the servers use them: the NATS server restarts, the RabbitMQ proxy (which
 // reads the files at each handshake) drops its connections, every memcached
-// restarts. The bridges and agents keep running: their next connections
-// must present the new client certificates and trust the new CA.
+// reads them again (refresh_certs) and the agents' connections to it are
+// ended. The bridges and agents keep running: their next connections must
+// present the new client certificates and trust the new CA.
 func (e *env) rotateTLS() {
 	t := e.t
 	t.Helper()
@@ -188,8 +217,13 @@ func (e *env) rotateTLS() {
 	}
 	e.amqpProxy.CloseConnections()
 	for _, r := range e.regions {
-		for i := range r.servers {
-			e.restartMemcached(r, i)
+		for _, s := range r.servers {
+			if err := s.RefreshCerts(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, px := range e.tls.mcProxy[r.name] {
+			px.CloseConnections()
 		}
 	}
 }
@@ -252,6 +286,12 @@ func TestTLSRotation(t *testing.T) {
 		starts[p.name] = p.startCount()
 	}
 	accepted := e.amqpProxy.Accepted()
+	mcAccepted := map[*tcpproxy.Proxy]int{}
+	for _, pxs := range e.tls.mcProxy {
+		for _, px := range pxs {
+			mcAccepted[px] = px.Accepted()
+		}
+	}
 	e.rotateTLS()
 	// Connections with the old client certificates or the old CA cannot
 	// succeed any more: a ready process has re-read its files.
@@ -264,10 +304,20 @@ func TestTLSRotation(t *testing.T) {
 		if n := p.startCount(); n != starts[p.name] || !p.running() {
 			t.Fatalf("%s was started %d times (%d before the rotation), running: %v; expected the same process", p.name, n, starts[p.name], p.running())
 		}
-		for _, flag := range []string{"--nats-tls-ca", "--nats-tls-cert"} {
+		flags := []string{"--nats-tls-ca", "--nats-tls-cert", "--memcached-tls-ca", "--memcached-tls-cert"}
+		if strings.HasPrefix(p.name, "bridge") {
+			flags = []string{"--nats-tls-ca", "--nats-tls-cert", "--amqp-tls-ca", "--amqp-tls-cert"}
+		}
+		for _, flag := range flags {
 			if !p.logHas("TLS file changed on disk", flag) {
 				t.Errorf("%s: expected a log line saying %s was re-read after the rotation", p.name, flag)
 			}
+		}
+	}
+
+	for px, n := range mcAccepted {
+		if px.Accepted() == n {
+			t.Errorf("expected the agent to connect again to memcached %s after the rotation; no new connection", px.Target())
 		}
 	}
 
@@ -315,13 +365,16 @@ func TestTLSClientCertificateProblems(t *testing.T) {
 	testutil.NewCA(t, "untrusted CA").Issue(t, cert, key, testutil.Leaf{Name: "untrusted", Client: true})
 	reconnect()
 	want := "--nats-tls-cert " + cert
+	var readyz string
 	testutil.Eventually(t, readyTimeout, "the agent's /readyz to name "+want, func() (bool, string) {
 		code, body, err := httpGet("http://" + r.agent.addr() + "/readyz")
 		if err != nil {
 			return false, err.Error()
 		}
-		return code == http.StatusServiceUnavailable && strings.Contains(body, want), fmt.Sprintf("%d %s", code, body)
+		readyz = fmt.Sprintf("%d %s", code, strings.TrimSpace(body))
+		return code == http.StatusServiceUnavailable && strings.Contains(body, want), readyz
 	})
+	t.Logf("/readyz with an untrusted client certificate: %s", readyz)
 
 	ca.Issue(t, cert, key, testutil.Leaf{Name: "agent-" + r.name, Client: true})
 	r.agent.waitReady(readyTimeout)
