@@ -163,7 +163,7 @@ func (r *Reloader) Certificate() tls.Certificate {
 	if s := [2]stamp{statFile(r.files.Cert), statFile(r.files.Key)}; s != r.certStamp {
 		r.certStamp = s
 		cert, err := loadPair(r.files, r.flags)
-		if err == nil && r.now().After(cert.Leaf.NotAfter) {
+		if err == nil && cert.Leaf != nil && r.now().After(cert.Leaf.NotAfter) {
 			err = fmt.Errorf("%s %s: certificate expired at %s", r.flags.Cert, r.files.Cert, cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
 		}
 		if err != nil {
