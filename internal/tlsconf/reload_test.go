@@ -222,3 +222,23 @@ func TestReloaderStartupErrors(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkReloaderConfig is the cost the re-read check adds to each new
+// connection when nothing changed: a stat of the CA, certificate and key.
+func BenchmarkReloaderConfig(b *testing.B) {
+	dir := b.TempDir()
+	f := Files{CA: filepath.Join(dir, "ca.pem"), Cert: filepath.Join(dir, "c.pem"), Key: filepath.Join(dir, "k.pem")}
+	ca := ktestutil.NewCA(b, "bench CA")
+	ca.WriteCA(b, f.CA)
+	ca.Issue(b, f.Cert, f.Key, ktestutil.Leaf{Name: "client", Client: true})
+	r, err := NewReloader(f, FlagNames{CA: "--ca", Cert: "--cert", Key: "--key"}, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		cfg := r.Config("127.0.0.1")
+		if _, err := cfg.GetClientCertificate(nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
