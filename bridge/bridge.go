@@ -16,7 +16,6 @@ package bridge
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -33,6 +32,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/backoff"
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/stream"
+	"github.com/keystone-fanout/keystone-fanout/internal/tlsconf"
 )
 
 // Bridge is one bridge replica. Create it with New and run it with Run.
@@ -42,7 +42,7 @@ type Bridge struct {
 	nc     *nats.Conn
 	js     jetstream.JetStream
 	filter *event.Filter
-	tls    *tls.Config
+	tls    *tlsconf.Reloader // nil: no TLS options
 	m      *metrics
 	log    *slog.Logger
 
@@ -73,7 +73,7 @@ func New(o Options, nc *nats.Conn, reg prometheus.Registerer, log *slog.Logger) 
 	}
 	urls, _ := o.brokerURLs()              // checked by Validate
 	filter, _ := event.NewFilter(o.Filter) // likewise
-	tlsConf, err := o.TLS.config()
+	tlsConf, err := o.TLS.reloader(log)
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"slices"
 	"strings"
@@ -164,9 +165,24 @@ func (t TLSOptions) config() (*tls.Config, error) {
 	if t.empty() {
 		return nil, nil
 	}
-	return tlsconf.Load(tlsconf.Files{CA: t.CAFile, Cert: t.CertFile, Key: t.KeyFile, ServerName: t.ServerName},
-		tlsconf.FlagNames{CA: "--amqp-tls-ca", Cert: "--amqp-tls-cert", Key: "--amqp-tls-key"})
+	return tlsconf.Load(t.files(), amqpFlags)
 }
+
+// reloader loads the files and keeps them current (every connection uses the
+// CA bundle and client certificate on disk when it dials); nil when no option
+// is set.
+func (t TLSOptions) reloader(log *slog.Logger) (*tlsconf.Reloader, error) {
+	if t.empty() {
+		return nil, nil
+	}
+	return tlsconf.NewReloader(t.files(), amqpFlags, log)
+}
+
+func (t TLSOptions) files() tlsconf.Files {
+	return tlsconf.Files{CA: t.CAFile, Cert: t.CertFile, Key: t.KeyFile, ServerName: t.ServerName}
+}
+
+var amqpFlags = tlsconf.FlagNames{CA: "--amqp-tls-ca", Cert: "--amqp-tls-cert", Key: "--amqp-tls-key"}
 
 // maxMessageTTL is the largest x-message-ttl RabbitMQ accepts (2^32-1 ms).
 const maxMessageTTL = (1<<32 - 1) * time.Millisecond

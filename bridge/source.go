@@ -2,7 +2,6 @@ package bridge
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -12,6 +11,8 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/tlsconf"
 )
 
 // closeTimeout bounds the AMQP close handshake.
@@ -25,7 +26,7 @@ const closeTimeout = 2 * time.Second
 type source struct {
 	o   *Options
 	url string
-	tls *tls.Config
+	tls *tlsconf.Reloader
 	log *slog.Logger
 
 	conn       *amqp.Connection
@@ -43,10 +44,15 @@ func (s *source) Connect(ctx context.Context) error {
 	props["product"] = "keystone-fanout"
 	cfg := amqp.Config{Heartbeat: s.o.Heartbeat, Dial: amqp.DefaultDial(s.o.ConnectTimeout), Properties: props}
 	if s.tls != nil {
-		cfg.TLSClientConfig = s.tls.Clone() // amqp091 sets ServerName in it
+		// A new one per dial: the files on disk now. amqp091 sets its
+		// ServerName to the URL's host when --amqp-tls-server-name is empty.
+		cfg.TLSClientConfig = s.tls.Config("")
 	}
 	conn, err := amqp.DialConfig(s.url, cfg)
 	if err != nil {
+		if s.tls != nil {
+			err = tlsconf.Explain(err, s.o.TLS.files(), amqpFlags)
+		}
 		return fmt.Errorf("connecting: %w", err)
 	}
 	s.conn = conn

@@ -116,7 +116,7 @@ func (e *env) verify(x expect) verified {
 		}
 		if !x.noCanary {
 			for _, s := range r.servers {
-				found, err := mcPresent(s.Addr, []string{canaryKey})
+				found, err := mcPresent(s.PlainAddr, []string{canaryKey})
 				if err != nil {
 					t.Fatalf("%s: memcached %s: %v", r.name, s.Addr, err)
 				}
@@ -146,10 +146,12 @@ func (e *env) verify(x expect) verified {
 	return v
 }
 
+// serverAddrs are the addresses at which the test reads and writes a
+// region's memcached servers (without TLS: see envOptions.tls).
 func serverAddrs(r *region) []string {
 	out := make([]string, len(r.servers))
 	for i, s := range r.servers {
-		out[i] = s.Addr
+		out[i] = s.PlainAddr
 	}
 	return out
 }

@@ -53,6 +53,11 @@ type envOptions struct {
 	// wan, when not nil, puts every region in its own network namespace
 	// behind a simulated WAN link, with its own leaf node (wan_test.go).
 	wan *wanOptions
+	// tls runs every link over TLS with certificates the test makes (see
+	// tls_test.go): NATS with client certificates, memcached over TLS
+	// (the test itself uses a plain listener), RabbitMQ through a
+	// TLS-terminating proxy. Single NATS server only.
+	tls bool
 }
 
 // env is one test's deployment: regionOne's RabbitMQ exchange (declared as
@@ -70,6 +75,7 @@ type env struct {
 	queue     string
 	pub       *publisher
 	amqpProxy *tcpproxy.Proxy // the bridges' path to RabbitMQ
+	tls       *tlsEnv         // nil unless envOptions.tls
 
 	nodes []*natsNode
 	nc    *nats.Conn // the test's own connection, for checks
@@ -145,6 +151,9 @@ func newEnv(t *testing.T, o envOptions) *env {
 	e.logDir = dir
 	// Registered first, so it runs last: after every process has stopped.
 	t.Cleanup(e.reportLogs)
+	if o.tls {
+		e.tls = newTLSEnv(t)
+	}
 
 	e.startNATS()
 	e.startRabbitMQ()
@@ -273,6 +282,9 @@ func (e *env) startNATS() {
 	if !e.o.cluster {
 		o := natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir(), ServerName: "e2e-nats"}
 		e.o.wan.configure(&o)
+		if e.tls != nil {
+			o.TLS = e.tls.serverConfig(t)
+		}
 		srv, err := natsserver.Start(o)
 		if err != nil {
 			t.Fatalf("starting the NATS server: %v", err)
@@ -289,7 +301,7 @@ func (e *env) startNATS() {
 			n.shutdown()
 		}
 	})
-	nc, err := nats.Connect(e.natsURL(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond), nats.Name("e2e-checks"))
+	nc, err := nats.Connect(e.natsURL(), append(e.tls.natsOptions(t), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond), nats.Name("e2e-checks"))...)
 	if err != nil {
 		t.Fatalf("connecting to the test's NATS: %v", err)
 	}
@@ -412,7 +424,14 @@ func (e *env) startRabbitMQ() {
 	if u.Port() == "" {
 		target = net.JoinHostPort(u.Hostname(), "5672")
 	}
-	e.amqpProxy, err = tcpproxy.Start(target)
+	if e.tls != nil {
+		// The machine's RabbitMQ is shared and listens without TLS: the
+		// test terminates TLS in a proxy in front of it instead of
+		// reconfiguring it.
+		e.amqpProxy, err = tcpproxy.StartTLS(target, e.tls.proxyConfig(t))
+	} else {
+		e.amqpProxy, err = tcpproxy.Start(target)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -423,6 +442,9 @@ func (e *env) startRabbitMQ() {
 func (e *env) bridgeAMQPURL() string {
 	u, _ := url.Parse(e.amqpURL)
 	u.Host = e.amqpProxy.Addr()
+	if e.tls != nil {
+		u.Scheme = "amqps"
+	}
 	return u.String()
 }
 
@@ -540,7 +562,7 @@ func (e *env) startRegions() {
 	t := e.t
 	for i := range e.o.regions {
 		r := &region{name: regionName(i + 2)}
-		r.servers = memcachetest.Start(t, e.o.serversPerRegion)
+		r.servers = memcachetest.StartWith(t, e.o.serversPerRegion, e.tls.memcachedOptions())
 		for _, n := range e.nodes {
 			px, err := tcpproxy.Start(n.addr)
 			if err != nil {
@@ -557,7 +579,7 @@ func (e *env) startRegions() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r.cache = kmwtest.Start(t, memcachetest.Addrs(r.servers), kmwtest.None, "", 0)
+			r.cache = kmwtest.Start(t, serverAddrs(r), kmwtest.None, "", 0)
 		}()
 	}
 	wg.Wait()
@@ -566,7 +588,7 @@ func (e *env) startRegions() {
 	}
 	for _, r := range e.regions {
 		for _, s := range r.servers {
-			setCanary(t, s.Addr)
+			setCanary(t, s.PlainAddr)
 		}
 		var urls []string
 		for _, px := range r.natsProxy {
@@ -576,7 +598,7 @@ func (e *env) startRegions() {
 			"--region", r.name,
 			"--nats-url", strings.Join(urls, ","),
 			"--stream", streamName,
-			"--memcached", memcachetest.List(r.servers),
+			"--memcached", e.tls.memcachedList(t, r),
 			"--strategy", e.o.strategy,
 			"--token-cache-time", "300",
 			// A short late write-back window: tests cache entries of users
@@ -588,6 +610,7 @@ func (e *env) startRegions() {
 			"--http-addr", "127.0.0.1:0",
 			"--log-format", "json",
 		}
+		args = append(args, e.tls.agentArgs(t, r.name)...)
 		args = append(args, e.o.agentArgs...)
 		r.agent = newProc(t, e.logDir, "agent-"+r.name, args...)
 	}
@@ -606,6 +629,7 @@ func (e *env) addBridge(i int) *proc {
 	if e.o.cluster {
 		args = append(args, "--stream-replicas", "3")
 	}
+	args = append(args, e.tls.bridgeArgs(e.t, fmt.Sprintf("bridge-%d", i+1))...)
 	args = append(args, e.o.bridgeArgs...)
 	p := newProc(e.t, e.logDir, fmt.Sprintf("bridge-%d", i+1), args...)
 	e.bridges = append(e.bridges, p)
@@ -680,7 +704,7 @@ func setCanary(t testing.TB, addr string) {
 func (e *env) restartMemcached(r *region, i int) {
 	e.t.Helper()
 	r.servers[i].Restart()
-	setCanary(e.t, r.servers[i].Addr)
+	setCanary(e.t, r.servers[i].PlainAddr)
 }
 
 func (e *env) region(name string) *region {

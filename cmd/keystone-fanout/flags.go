@@ -47,8 +47,8 @@ func (c *common) logger(w io.Writer) (*slog.Logger, error) {
 // registerTLS registers --<prefix>-tls-ca, -cert, -key and -server-name, the
 // TLS files of one kind of connection; peers names the other ends (for help texts).
 func registerTLS(s *config.Set, prefix, peers string, ca, cert, key, serverName *string) {
-	s.String(ca, prefix+"-tls-ca", "", "PEM CA bundle that the certificates of "+peers+" are checked against (default: system roots)")
-	s.String(cert, prefix+"-tls-cert", "", "PEM client certificate for mutual TLS with "+peers)
+	s.String(ca, prefix+"-tls-ca", "", "PEM CA bundle that the certificates of "+peers+" are checked against (default: system roots); re-read when it changes")
+	s.String(cert, prefix+"-tls-cert", "", "PEM client certificate for mutual TLS with "+peers+"; re-read with its key when either changes")
 	s.String(key, prefix+"-tls-key", "", "PEM key of --"+prefix+"-tls-cert")
 	s.String(serverName, prefix+"-tls-server-name", "", "name checked in the certificates of "+peers+" (default: each address's host)")
 }
@@ -132,7 +132,7 @@ func (f *bridgeFlags) register(s *config.Set) {
 	s.String(&r.ProjectDomain, "keystone-project-domain", revoke.DefaultDomain, "domain name of --keystone-project")
 	s.String(&r.AppCredID, "keystone-app-cred-id", "", "application credential id, instead of a user and password")
 	s.String(&r.AppCredSecretFile, "keystone-app-cred-secret-file", "", "file holding the application credential's secret")
-	s.String(&r.CAFile, "keystone-ca-file", "", "PEM CA bundle that Keystone's certificate is checked against")
+	s.String(&r.CAFile, "keystone-ca-file", "", "PEM CA bundle that Keystone's certificate is checked against; re-read when it changes")
 	s.Duration(&f.revokeInterval, "revocation-poll-interval", revoke.DefaultPollInterval, "time between two polls of Keystone's revocation events (notifications also make the poller poll at once)")
 	s.Duration(&r.LeaseTTL, "revocation-lease-ttl", revoke.DefaultLeaseTTL, "one bridge replica polls at a time: how long its lease lasts without renewal before another takes over")
 

@@ -1,10 +1,15 @@
 package nats
 
 import (
+	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -369,5 +374,111 @@ func TestLeafForeignStreamIsNotConsumed(t *testing.T) {
 	testutil.Eventually(t, 20*time.Second, "the agent refusing the foreign stream", func() (bool, string) {
 		err := a.Ready()
 		return err != nil && errors.Is(err, stream.ErrNotMirror) && strings.Contains(err.Error(), "nats stream rm KEYSTONE"), fmt.Sprint(err)
+	})
+}
+
+// uncommentTLS returns the configuration file with its commented tls block
+// (the first one after the line holding after) uncommented as shipped, and
+// /etc/nats/tls/ replaced by dir.
+func uncommentTLS(t *testing.T, file, after, dir string) string {
+	t.Helper()
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(b), "\n")
+	start := -1
+	for i, l := range lines {
+		if start < 0 && strings.Contains(l, after) {
+			start = i
+		}
+		if start >= 0 && strings.TrimSpace(l) == "# tls {" {
+			for j := i; j < len(lines); j++ {
+				lines[j] = strings.Replace(lines[j], "# ", "", 1)
+				if strings.TrimSpace(lines[j]) == "}" {
+					out := filepath.Join(dir, filepath.Base(file))
+					text := strings.ReplaceAll(strings.Join(lines, "\n"), "/etc/nats/tls/", dir+"/")
+					if err := os.WriteFile(out, []byte(text), 0o600); err != nil {
+						t.Fatal(err)
+					}
+					return out
+				}
+			}
+		}
+	}
+	t.Fatalf("%s: no commented tls block after %q", file, after)
+	return ""
+}
+
+// TestLeafMutualTLS: central.conf and leaf-region.conf with their commented
+// leaf-node tls blocks uncommented as shipped, and certificates of a test CA
+// at the paths they name: central's leaf-node port demands TLS and a client
+// certificate, and the region's leaf node connects with its own; the
+// region's agent then works through it as without TLS.
+func TestLeafMutualTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca := testutil.NewCA(t, "leaf-node CA")
+	ca.WriteCA(t, filepath.Join(dir, "ca.pem"))
+	ca.Issue(t, filepath.Join(dir, "central-leaf.pem"), filepath.Join(dir, "central-leaf-key.pem"),
+		testutil.Leaf{Name: "central", Hosts: []string{"127.0.0.1", "localhost"}})
+	ca.Issue(t, filepath.Join(dir, "leaf-regionTwo.pem"), filepath.Join(dir, "leaf-regionTwo-key.pem"),
+		testutil.Leaf{Name: "leaf-regionTwo", Client: true})
+
+	for user, pw := range passwords {
+		t.Setenv("KSF_"+strings.ToUpper(user)+"_PASSWORD", pw)
+	}
+	central := startConf(t, uncommentTLS(t, "central.conf", "leafnodes {", dir), func(opts *server.Options) {
+		if opts.LeafNode.TLSConfig == nil || opts.LeafNode.TLSConfig.ClientAuth != tls.RequireAndVerifyClientCert {
+			t.Fatalf("central.conf's leafnodes tls block did not configure mutual TLS: %+v", opts.LeafNode)
+		}
+		opts.LeafNode.Host, opts.LeafNode.Port = "127.0.0.1", -1
+	})
+	v, err := central.Varz(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What the leaf-node port announces before anything else.
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", v.LeafNode.Port), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	info, err := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if err != nil || !strings.Contains(info, `"tls_required":true`) || !strings.Contains(info, `"tls_verify":true`) {
+		t.Fatalf("central's leaf-node port announced %q (%v); want TLS required and client certificates verified", info, err)
+	}
+
+	t.Setenv("KSF_AGENT_PASSWORD", agentPassword)
+	t.Setenv("KSF_CENTRAL_LEAF_URL", fmt.Sprintf("nats-leaf://regionTwo:%s@127.0.0.1:%d", passwords["regionTwo"], v.LeafNode.Port))
+	leaf := startConf(t, uncommentTLS(t, "leaf-region.conf", "remotes", dir), func(opts *server.Options) {
+		if len(opts.LeafNode.Remotes) != 1 || opts.LeafNode.Remotes[0].TLSConfig == nil ||
+			len(opts.LeafNode.Remotes[0].TLSConfig.Certificates) != 1 {
+			t.Fatalf("leaf-region.conf's remote tls block did not configure a client certificate: %+v", opts.LeafNode.Remotes)
+		}
+	})
+	testutil.Eventually(t, 20*time.Second, "the leaf node connecting to central over mutual TLS", func() (bool, string) {
+		return leaf.NumLeafNodes() == 1 && central.NumLeafNodes() == 1, fmt.Sprintf("leaf %d, central %d", leaf.NumLeafNodes(), central.NumLeafNodes())
+	})
+
+	// The region works through the TLS link: its agent consumes the
+	// central stream through its leaf.
+	ctx := context.Background()
+	_, bjs := connect(t, central.ClientURL(), "bridge")
+	if err := stream.Ensure(ctx, bjs, stream.Default()); err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.EnsureReceipts(ctx, bjs, stream.Default()); err != nil {
+		t.Fatal(err)
+	}
+	a, inv, _, _ := startAgent(t, connectLeaf(t, leaf.ClientURL()), regionagent.Options{Region: "regionTwo", JetStreamDomain: "central",
+		RetryMax: time.Second})
+	testutil.Eventually(t, 20*time.Second, "the agent consuming through the TLS leaf link", func() (bool, string) {
+		err := a.Ready()
+		return err == nil, fmt.Sprint(err)
+	})
+	publishEvent(t, bjs, "n-leaf-tls-1")
+	testutil.Eventually(t, 20*time.Second, "the event reaching regionTwo through the TLS leaf link", func() (bool, string) {
+		return inv.seen("n-leaf-tls-1"), "not yet"
 	})
 }

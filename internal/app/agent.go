@@ -77,7 +77,11 @@ func agentComponents(o *AgentOptions, nc *nats.Conn, reg prometheus.Registerer, 
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(agentGCPercent)
 	}
-	cluster, err := memcache.New(o.Memcache)
+	mo := o.Memcache
+	if mo.Log == nil {
+		mo.Log = log.With("component", "memcached", "region", o.Agent.Region)
+	}
+	cluster, err := memcache.New(mo)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--memcached: %w", err)
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/ops"
+	"github.com/keystone-fanout/keystone-fanout/internal/tlsconf"
 )
 
 // component is one long-running part of a process.
@@ -65,12 +66,13 @@ func buildInfo() prometheus.Collector {
 }
 
 // registry returns reg, or a new registry when it is nil, with the Go runtime
-// and process collectors and keystone_fanout_build_info added (once).
+// and process collectors, keystone_fanout_build_info and
+// keystone_fanout_tls_reload_errors_total added (once).
 func registry(reg *prometheus.Registry) *prometheus.Registry {
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 	}
-	for _, c := range []prometheus.Collector{collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildInfo()} {
+	for _, c := range []prometheus.Collector{collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildInfo(), tlsconf.ReloadErrors} {
 		if err := reg.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
 			panic(err) // constant collectors: cannot fail
 		}

@@ -38,7 +38,7 @@ func connectNATS(ctx context.Context, o natsconn.Options, domain string, timeout
 		s.api = "$JS." + domain + ".API."
 	}
 	target := natsconn.Redact(o.URL)
-	opts, err := natsconn.Security(o)
+	opts, err := natsconn.Security(o, nil)
 	if err != nil {
 		r.add(Finding{Check: "nats.connect", Target: target, Level: LevelFail, Summary: err.Error()})
 		return nil

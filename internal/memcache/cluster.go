@@ -25,12 +25,12 @@ func New(opts Options) (*Cluster, error) {
 		return nil, err
 	}
 	o := opts.withDefaults()
-	addrs, _ := ParseServers(o.Servers) // checked by Validate
-	tlsCfg, _ := o.TLS.config()         // checked by Validate
+	addrs, _ := ParseServers(o.Servers)  // checked by Validate
+	tlsFiles, _ := o.TLS.reloader(o.Log) // checked by Validate
 	c := &Cluster{}
 	for _, a := range addrs {
-		p := newPool(a, tlsCfg, o)
-		c.servers = append(c.servers, &Server{addr: a, p: p, io: o.IOTimeout, mc: newKeyClient(a, p.tlsCfg, o)})
+		p := newPool(a, tlsFiles, o)
+		c.servers = append(c.servers, &Server{addr: a, p: p, io: o.IOTimeout, mc: newKeyClient(a, p.tlsConfig, o)})
 	}
 	return c, nil
 }

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/tlsconf"
 )
 
 // ServerError is the error of one operation on one server. Errors from
@@ -55,25 +57,28 @@ type conn struct {
 
 // pool keeps idle connections of one server.
 type pool struct {
-	addr    Address
-	tlsCfg  *tls.Config
-	opts    Options
-	mu      sync.Mutex
-	idle    []*conn
-	closed  bool
-	dialer  net.Dialer
-	crawlMu sync.Mutex // one metadump at a time from this process
+	addr Address
+	// tlsConfig returns the TLS configuration of one new connection (the
+	// files on disk now); nil when TLS is off.
+	tlsConfig func() *tls.Config
+	tlsFiles  tlsconf.Files
+	opts      Options
+	mu        sync.Mutex
+	idle      []*conn
+	closed    bool
+	dialer    net.Dialer
+	crawlMu   sync.Mutex // one metadump at a time from this process
 }
 
-func newPool(addr Address, tlsCfg *tls.Config, opts Options) *pool {
+func newPool(addr Address, tlsFiles *tlsconf.Reloader, opts Options) *pool {
 	p := &pool{addr: addr, opts: opts, dialer: net.Dialer{Timeout: opts.DialTimeout, KeepAlive: 30 * time.Second}}
-	if tlsCfg != nil {
-		c := tlsCfg.Clone()
-		if c.ServerName == "" && addr.Network == "tcp" {
-			host, _, _ := net.SplitHostPort(addr.Addr)
-			c.ServerName = host
+	if tlsFiles != nil {
+		host := ""
+		if addr.Network == "tcp" {
+			host, _, _ = net.SplitHostPort(addr.Addr)
 		}
-		p.tlsCfg = c
+		p.tlsConfig = func() *tls.Config { return tlsFiles.Config(host) }
+		p.tlsFiles = tlsFiles.Files()
 	}
 	return p
 }
@@ -102,11 +107,11 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if p.tlsCfg != nil {
-		tc := tls.Client(nc, p.tlsCfg)
+	if p.tlsConfig != nil {
+		tc := tls.Client(nc, p.tlsConfig())
 		if err := tc.HandshakeContext(dctx); err != nil {
 			nc.Close()
-			return nil, fmt.Errorf("TLS handshake: %w", err)
+			return nil, fmt.Errorf("TLS handshake: %w", tlsconf.Explain(err, p.tlsFiles, memcachedFlags))
 		}
 		nc = tc
 	}
@@ -188,6 +193,16 @@ func (p *pool) with(ctx context.Context, op string, fn func(c *conn) error) erro
 				err = fmt.Errorf("%w (%v)", context.DeadlineExceeded, err)
 			} else if cerr := ctx.Err(); cerr != nil {
 				err = fmt.Errorf("%w (%v)", cerr, err)
+			}
+		}
+		if p.tlsConfig != nil && !c.reused && !c.got {
+			// A new connection's first exchange is where TLS 1.3 tells of
+			// a client certificate the server refused: its alert, or only
+			// the connection closed when the alert was lost to a reset.
+			err = tlsconf.Explain(err, p.tlsFiles, memcachedFlags)
+			if p.tlsFiles.Cert != "" && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)) {
+				err = fmt.Errorf("%w (the server closed the connection right after the TLS handshake: it may have refused %s %s)",
+					err, memcachedFlags.Cert, p.tlsFiles.Cert)
 			}
 		}
 		return &ServerError{Server: p.addr.Spec, Op: op, Err: err}

@@ -1,6 +1,7 @@
 package memcache
 
 import (
+	"context"
 	"crypto/tls"
 	"net"
 	"time"
@@ -25,14 +26,16 @@ func (o oneServer) Each(fn func(net.Addr) error) error  { return fn(o.addr) }
 // newKeyClient returns the gomemcache client of one server, with the same
 // dial timeout, keep-alive and TLS as this package's own connections (TLS
 // through gomemcache's DialContext).
-func newKeyClient(a Address, tlsCfg *tls.Config, o Options) *gomemcache.Client {
+func newKeyClient(a Address, tlsConfig func() *tls.Config, o Options) *gomemcache.Client {
 	c := gomemcache.NewFromSelector(oneServer{serverAddr{a.Network, a.Addr}})
 	c.Timeout = o.IOTimeout
 	c.MaxIdleConns = max(o.MaxIdlePerServer, keyParallelism)
 	d := &net.Dialer{Timeout: o.DialTimeout, KeepAlive: 30 * time.Second}
-	if tlsCfg != nil {
-		td := &tls.Dialer{NetDialer: d, Config: tlsCfg}
-		c.DialContext = td.DialContext
+	if tlsConfig != nil {
+		c.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			td := &tls.Dialer{NetDialer: d, Config: tlsConfig()} // the files on disk now
+			return td.DialContext(ctx, network, addr)
+		}
 	} else {
 		c.DialContext = d.DialContext
 	}

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/tlsconf"
@@ -41,9 +42,14 @@ type Options struct {
 	// time spent retrying while memcached answers BUSY. Default
 	// DefaultCrawlTimeout.
 	CrawlTimeout time.Duration
+	// Log receives the messages about TLS files re-read after they changed
+	// (see TLSOptions); nil means slog.Default().
+	Log *slog.Logger
 }
 
-// TLSOptions configure TLS towards memcached (memcached -Z).
+// TLSOptions configure TLS towards memcached (memcached -Z). The files are
+// read at start-up and again, before a connection's handshake, whenever they
+// changed on disk (tlsconf.Reloader): rotating them needs no restart.
 type TLSOptions struct {
 	// Enabled turns TLS on for every server.
 	Enabled bool
@@ -114,11 +120,24 @@ func (t *TLSOptions) config() (*tls.Config, error) {
 		}
 		return nil, nil
 	}
-	cfg, err := tlsconf.Load(tlsconf.Files{CA: t.CAFile, Cert: t.CertFile, Key: t.KeyFile,
-		ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify},
-		tlsconf.FlagNames{CA: "--memcached-tls-ca", Cert: "--memcached-tls-cert", Key: "--memcached-tls-key"})
+	cfg, err := tlsconf.Load(t.files(), memcachedFlags)
 	if err != nil {
 		return nil, err
 	}
 	return cfg, nil
 }
+
+// reloader is config's files kept current; nil when TLS is off.
+func (t *TLSOptions) reloader(log *slog.Logger) (*tlsconf.Reloader, error) {
+	if _, err := t.config(); err != nil || !t.Enabled {
+		return nil, err
+	}
+	return tlsconf.NewReloader(t.files(), memcachedFlags, log)
+}
+
+func (t *TLSOptions) files() tlsconf.Files {
+	return tlsconf.Files{CA: t.CAFile, Cert: t.CertFile, Key: t.KeyFile,
+		ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify}
+}
+
+var memcachedFlags = tlsconf.FlagNames{CA: "--memcached-tls-ca", Cert: "--memcached-tls-cert", Key: "--memcached-tls-key"}

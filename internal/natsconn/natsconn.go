@@ -6,6 +6,7 @@ package natsconn
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -162,7 +163,7 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 				log.Debug("NATS connection closed")
 				return
 			}
-			log.Warn("NATS disconnected", "err", err)
+			log.Warn("NATS disconnected", "err", tlsconf.Explain(err, tlsFiles(o), natsFlags))
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			failures.Store(0)
@@ -176,7 +177,7 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 			// an outage: log the 1st, 2nd, 4th, 8th... and let /readyz and the
 			// connection's status tell the rest.
 			if n := failures.Add(1); n&(n-1) == 0 {
-				log.Warn("NATS not reachable, still trying", "url", Redact(o.URL), "attempts", n, "err", err)
+				log.Warn("NATS not reachable, still trying", "url", Redact(o.URL), "attempts", n, "err", tlsconf.Explain(err, tlsFiles(o), natsFlags))
 			}
 		}),
 		nats.ConnectHandler(func(nc *nats.Conn) { failures.Store(0) }),
@@ -188,7 +189,7 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 			log.Warn("NATS asynchronous error", "subject", subject, "err", err)
 		}),
 	}
-	sec, err := Security(o)
+	sec, err := Security(o, log)
 	if err != nil {
 		return nil, err
 	}
@@ -223,18 +224,27 @@ func Connect(ctx context.Context, o Options, name string, log *slog.Logger, onRe
 // Security returns the nats.go options for o's reply prefix, TLS files and
 // credentials
 // (Connect uses them; keystone-fanout doctor connects with them and its own
-// error handler).
-func Security(o Options) ([]nats.Option, error) {
+// error handler). The TLS files are re-read when they change (see
+// tlsconf.Reloader; log, nil for slog.Default(), gets its messages): every
+// connection and reconnection uses the CA bundle and client certificate on
+// disk at that moment.
+func Security(o Options, log *slog.Logger) ([]nats.Option, error) {
 	var opts []nats.Option
 	if o.InboxPrefix != "" {
 		opts = append(opts, nats.CustomInboxPrefix(o.InboxPrefix))
 	}
 	if o.CAFile != "" || o.CertFile != "" || o.TLSServerName != "" {
-		cfg, err := tlsConfig(o)
+		r, err := tlsconf.NewReloader(tlsFiles(o), natsFlags, log)
 		if err != nil {
 			return nil, err
 		}
-		opts = append(opts, nats.Secure(cfg))
+		// nats.go clones this for each connection, keeping
+		// GetClientCertificate (the client certificate on disk at the
+		// handshake), and asks RootCAsCB for the CAs of each connection.
+		opts = append(opts, nats.Secure(r.Config("")))
+		if o.CAFile != "" {
+			opts = append(opts, nats.ClientTLSConfig(nil, func() (*x509.CertPool, error) { return r.RootCAs(), nil }))
+		}
 	}
 	switch {
 	case o.CredsFile != "":
@@ -260,15 +270,20 @@ func NotConnected(nc *nats.Conn, o Options) error {
 		return nil
 	}
 	if err := nc.LastError(); err != nil {
-		return fmt.Errorf("NATS at %s is %s: %w", Redact(o.URL), nc.Status(), err)
+		return fmt.Errorf("NATS at %s is %s: %w", Redact(o.URL), nc.Status(), tlsconf.Explain(err, tlsFiles(o), natsFlags))
 	}
 	return fmt.Errorf("NATS at %s is %s", Redact(o.URL), nc.Status())
 }
 
 func tlsConfig(o Options) (*tls.Config, error) {
-	return tlsconf.Load(tlsconf.Files{CA: o.CAFile, Cert: o.CertFile, Key: o.KeyFile, ServerName: o.TLSServerName},
-		tlsconf.FlagNames{CA: "--nats-tls-ca", Cert: "--nats-tls-cert", Key: "--nats-tls-key"})
+	return tlsconf.Load(tlsFiles(o), natsFlags)
 }
+
+func tlsFiles(o Options) tlsconf.Files {
+	return tlsconf.Files{CA: o.CAFile, Cert: o.CertFile, Key: o.KeyFile, ServerName: o.TLSServerName}
+}
+
+var natsFlags = tlsconf.FlagNames{CA: "--nats-tls-ca", Cert: "--nats-tls-cert", Key: "--nats-tls-key"}
 
 // Redact hides the credentials of comma-separated NATS URLs
 // ("nats://user:pass@host:4222", "nats://token@host:4222", "user:pass@host")

@@ -3,6 +3,7 @@
 package natsserver
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -47,6 +48,12 @@ type Options struct {
 	// ReadyTimeout bounds how long Start waits for the server to accept clients.
 	// Default 10 s.
 	ReadyTimeout time.Duration
+	// TLS, when not nil, is the server side of TLS on client connections
+	// (required); with ClientAuth tls.RequireAndVerifyClientCert clients need
+	// a certificate its ClientCAs trust. Nil: no TLS. The loopback rule
+	// stays (there is still no authentication); the end-to-end tests use it
+	// to run every link over TLS.
+	TLS *tls.Config
 }
 
 // Server is a running embedded server.
@@ -142,6 +149,11 @@ func Start(o Options) (*Server, error) {
 		StoreDir:   o.DataDir,
 		NoSigs:     true,
 		NoLog:      true,
+	}
+	if o.TLS != nil {
+		so.TLSConfig = o.TLS
+		so.TLSVerify = o.TLS.ClientAuth == tls.RequireAndVerifyClientCert
+		so.TLSTimeout = 5
 	}
 	if o.Cluster != "" {
 		chost, cport, _ := splitHostPort(o.Cluster)

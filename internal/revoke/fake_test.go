@@ -1,6 +1,7 @@
 package revoke
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -30,18 +31,32 @@ type fakeKeystone struct {
 	lastAuth  map[string]any
 }
 
-func newFakeKeystone(tls bool) *fakeKeystone {
+func newFakeKeystone(useTLS bool) *fakeKeystone {
+	f := unstartedFakeKeystone()
+	if useTLS {
+		f.srv.StartTLS()
+	} else {
+		f.srv.Start()
+	}
+	return f
+}
+
+// newFakeKeystoneTLS serves HTTPS with cfg (its GetConfigForClient can
+// change the certificate while it runs).
+func newFakeKeystoneTLS(cfg *tls.Config) *fakeKeystone {
+	f := unstartedFakeKeystone()
+	f.srv.TLS = cfg
+	f.srv.StartTLS()
+	return f
+}
+
+func unstartedFakeKeystone() *fakeKeystone {
 	f := &fakeKeystone{valid: map[string]bool{}, lifetime: time.Hour}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v3/auth/tokens", f.auth)
 	mux.HandleFunc("GET /v3/OS-REVOKE/events", f.list)
 	f.srv = httptest.NewUnstartedServer(mux)
 	f.srv.Config.ErrorLog = log.New(io.Discard, "", 0) // TLS handshakes refused on purpose
-	if tls {
-		f.srv.StartTLS()
-	} else {
-		f.srv.Start()
-	}
 	return f
 }
 

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"strings"
@@ -20,7 +22,7 @@ import (
 // certificates checked against caFile (--keystone-ca-file) when given, else
 // the system roots.
 func keystoneTLS(caFile string) (*tls.Config, error) {
-	return tlsconf.Load(tlsconf.Files{CA: caFile}, tlsconf.FlagNames{CA: "--keystone-ca-file"})
+	return tlsconf.Load(tlsconf.Files{CA: caFile}, keystoneFlags)
 }
 
 // maxBody bounds what the poller reads from one Keystone answer.
@@ -32,6 +34,12 @@ type keystoneClient struct {
 	o    *Options
 	base string // URL without trailing slash
 	http *http.Client
+
+	// tls keeps --keystone-ca-file current; pool is the CA pool c.http's
+	// transport was made with: a new one replaces the transport (its kept
+	// connections close; new ones verify against the new bundle).
+	tls  *tlsconf.Reloader
+	pool *x509.CertPool
 
 	token     string
 	refreshAt time.Time // local time at which to authenticate again
@@ -62,20 +70,42 @@ func (e *httpStatusError) Error() string {
 	return msg
 }
 
-func newKeystoneClient(o *Options) (*keystoneClient, error) {
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.MaxIdleConnsPerHost = 1
-	cfg, err := keystoneTLS(o.CAFile)
+// newKeystoneClient makes the client; log (nil: slog.Default()) gets the
+// messages about --keystone-ca-file re-read after it changed.
+func newKeystoneClient(o *Options, log *slog.Logger) (*keystoneClient, error) {
+	r, err := tlsconf.NewReloader(tlsconf.Files{CA: o.CAFile}, keystoneFlags, log)
 	if err != nil {
 		return nil, fmt.Errorf("revoke: %w", err)
 	}
-	tr.TLSClientConfig = cfg
-	return &keystoneClient{
-		o:    o,
-		base: strings.TrimRight(o.URL, "/"),
-		http: &http.Client{Transport: tr, Timeout: o.RequestTimeout},
-	}, nil
+	c := &keystoneClient{o: o, base: strings.TrimRight(o.URL, "/"), tls: r}
+	c.transport()
+	return c, nil
 }
+
+// transport makes c.http anew when the CA bundle changed on disk (and the
+// first time).
+func (c *keystoneClient) transport() {
+	pool := c.tls.RootCAs()
+	if c.http != nil && pool == c.pool {
+		return
+	}
+	if c.http != nil {
+		c.http.CloseIdleConnections()
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.MaxIdleConnsPerHost = 1
+	tr.TLSClientConfig = c.tls.Config("")
+	c.http, c.pool = &http.Client{Transport: tr, Timeout: c.o.RequestTimeout}, pool
+}
+
+// do sends req with the CA bundle on disk now.
+func (c *keystoneClient) do(req *http.Request) (*http.Response, error) {
+	c.transport()
+	resp, err := c.http.Do(req)
+	return resp, tlsconf.Explain(err, tlsconf.Files{CA: c.o.CAFile}, keystoneFlags)
+}
+
+var keystoneFlags = tlsconf.FlagNames{CA: "--keystone-ca-file"}
 
 // tokenValid reports whether the cached token may still be used.
 func (c *keystoneClient) tokenValid() bool {
@@ -139,7 +169,7 @@ func (c *keystoneClient) authenticate(ctx context.Context) error {
 	// while idle: authenticate on a fresh one. It happens once per token.
 	req.Close = true
 	local := c.o.Now()
-	resp, err := c.http.Do(req)
+	resp, err := c.do(req)
 	if err != nil {
 		return fmt.Errorf("authenticating to Keystone: %w", err)
 	}
@@ -200,7 +230,7 @@ func (c *keystoneClient) listEvents(ctx context.Context, since time.Time) ([]key
 	}
 	req.Header.Set("Accept", "application/json")
 	req.Header.Set("X-Auth-Token", c.token)
-	resp, err := c.http.Do(req)
+	resp, err := c.do(req)
 	if err != nil {
 		return nil, fmt.Errorf("listing revocation events: %w", err)
 	}

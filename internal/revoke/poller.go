@@ -139,7 +139,7 @@ func New(o Options, js jetstream.JetStream, reg prometheus.Registerer, log *slog
 	}
 	p := &Poller{o: o, js: js, log: log, readyErr: errors.New("revocation poller: no successful poll yet"),
 		trigger: make(chan struct{}, 1)}
-	ks, err := newKeystoneClient(&p.o)
+	ks, err := newKeystoneClient(&p.o, log)
 	if err != nil {
 		return nil, err
 	}

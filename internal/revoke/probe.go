@@ -27,7 +27,7 @@ type Access struct {
 // returns the step that failed (HTTPStatus tells Keystone's answer).
 func CheckAccess(ctx context.Context, o Options) (a Access, step string, err error) {
 	o.setDefaults()
-	c, err := newKeystoneClient(&o)
+	c, err := newKeystoneClient(&o, nil)
 	if err != nil {
 		return a, StepAuthenticate, err
 	}

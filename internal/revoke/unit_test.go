@@ -19,7 +19,7 @@ import (
 func TestOptionsValidate(t *testing.T) {
 	pw := writeFile(t, "pw", "secret\n")
 	empty := writeFile(t, "empty", "\n")
-	ca := writeFile(t, "ca.pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: mustSelfSigned(t)})))
+	ca := writeFile(t, "ca.pem", string(testutil.NewCA(t, "test CA").PEM))
 	notCA := writeFile(t, "not-ca.pem", "hello")
 	good := Options{URL: "http://keystone:5000/v3", Username: "svc", PasswordFile: pw, Project: "service"}
 	with := func(f func(o *Options)) Options { o := good; f(&o); return o }

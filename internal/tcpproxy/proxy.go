@@ -11,6 +11,7 @@
 package tcpproxy
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -118,12 +119,30 @@ func StartWith(target string, o Options) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
+	return start(target, ln, o), nil
+}
+
+// StartTLS is Start with TLS terminated at the proxy: clients connect with
+// TLS under cfg (its certificate, and ClientAuth/ClientCAs to require client
+// certificates; GetConfigForClient lets a test rotate them), and the proxy
+// forwards the plain bytes to target. A client whose handshake fails is
+// disconnected. Tests use it to put TLS in front of a shared service they
+// must not reconfigure (the machine's RabbitMQ).
+func StartTLS(target string, cfg *tls.Config) (*Proxy, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	return start(target, tls.NewListener(ln, cfg), Options{}), nil
+}
+
+func start(target string, ln net.Listener, o Options) *Proxy {
 	resumed := make(chan struct{})
 	close(resumed)
 	p := &Proxy{target: target, ln: ln, o: o, conns: map[*pair]struct{}{}, resumed: resumed}
 	p.wg.Add(1)
 	go p.acceptLoop()
-	return p, nil
+	return p
 }
 
 // Bytes returns how many bytes the proxy has written to the target (up) and
@@ -244,6 +263,14 @@ func (p *Proxy) acceptLoop() {
 // serve dials the target for the accepted client and forwards both ways.
 func (p *Proxy) serve(client net.Conn) {
 	defer p.wg.Done()
+	if tc, ok := client.(*tls.Conn); ok {
+		tc.SetDeadline(time.Now().Add(DialTimeout))
+		if err := tc.Handshake(); err != nil {
+			client.Close()
+			return
+		}
+		tc.SetDeadline(time.Time{})
+	}
 	up, err := net.DialTimeout("tcp", p.target, DialTimeout)
 	if err != nil {
 		client.Close()

@@ -1,5 +1,5 @@
 // Package testutil holds helpers shared by keystone-fanout's tests. Only
-// _test.go files import it.
+// _test.go files and other test-helper packages (memcachetest) import it.
 package testutil
 
 import (

@@ -1,6 +1,9 @@
 // Package tlsconf builds the client *tls.Config of keystone-fanout's
 // connections (RabbitMQ, NATS, memcached, Keystone) from PEM files, with
-// errors that name the option to fix.
+// errors that name the option to fix. Load reads them once (one-shot
+// commands); a Reloader reads them again whenever they change on disk, so
+// that long-running processes pick up rotated certificates at their next
+// connection.
 package tlsconf
 
 import (

@@ -1,19 +1,14 @@
 package tlsconf
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // pki is a throw-away CA and a client certificate it signed, as PEM files,
@@ -26,49 +21,12 @@ type pki struct {
 func newPKI(t *testing.T) pki {
 	t.Helper()
 	dir := t.TempDir()
-	write := func(name, typ string, der []byte) string {
-		path := filepath.Join(dir, name)
-		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return path
-	}
-	newKey := func() (*ecdsa.PrivateKey, []byte) {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		der, err := x509.MarshalECPrivateKey(k)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k, der
-	}
-	caKey, _ := newKey()
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "tlsconf test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var p pki
-	if p.caCert, err = x509.ParseCertificate(caDER); err != nil {
-		t.Fatal(err)
-	}
-	p.ca = write("ca.pem", "CERTIFICATE", caDER)
-	clientKey, clientKeyDER := newKey()
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "client"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.caCert, &clientKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cert = write("client.pem", "CERTIFICATE", der)
-	p.key = write("client-key.pem", "EC PRIVATE KEY", clientKeyDER)
-	_, otherDER := newKey()
-	p.otherKey = write("other-key.pem", "EC PRIVATE KEY", otherDER)
+	ca := testutil.NewCA(t, "tlsconf test CA")
+	p := pki{ca: ca.WriteCA(t, filepath.Join(dir, "ca.pem")), caCert: ca.Cert,
+		cert: filepath.Join(dir, "client.pem"), key: filepath.Join(dir, "client-key.pem"),
+		otherKey: filepath.Join(dir, "other-key.pem")}
+	ca.Issue(t, p.cert, p.key, testutil.Leaf{Name: "client", Client: true})
+	ca.Issue(t, filepath.Join(dir, "other.pem"), p.otherKey, testutil.Leaf{Name: "other", Client: true})
 	return p
 }
 

@@ -8,14 +8,7 @@ import (
 	"bufio"
 	"bytes"
 	"cmp"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
-	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -27,6 +20,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
 // Binary is the memcached executable the helpers run.
@@ -39,6 +34,11 @@ type Options struct {
 	// TLS starts the servers with -Z and a certificate for "localhost" and
 	// 127.0.0.1 signed by a fresh CA (written to Server.CAFile).
 	TLS bool
+	// TLSFiles starts the servers with -Z and these files instead (TLS is
+	// then implied), and a second, plain listener (Server.PlainAddr) for
+	// test clients without TLS. RefreshCerts makes the servers read them
+	// again.
+	TLSFiles *TLSFiles
 	// Args are extra memcached arguments.
 	Args []string
 	// Env are extra environment variables ("NAME=value") of the process,
@@ -51,14 +51,26 @@ type Options struct {
 	Wrap []string
 }
 
+// TLSFiles are the PEM files of a TLS memcached: its certificate and key,
+// and, when ClientCA is set, the CA its clients' certificates must be signed
+// by (ssl_verify_mode=2: a client certificate is required).
+type TLSFiles struct {
+	CA, Cert, Key, ClientCA string
+}
+
 // Server is one memcached process.
 type Server struct {
 	// Addr is "127.0.0.1:<port>", stable across Restart.
 	Addr string
+	// PlainAddr is a listener without TLS of a server started with
+	// TLSFiles (memcached's notls: listener), stable across Restart; else
+	// Addr.
+	PlainAddr string
 	// CAFile is the PEM CA that signed the server certificate (TLS only).
 	CAFile string
 
 	t        testing.TB
+	plain    bool // a second, notls listener
 	args     []string
 	portFile string
 	env      []string
@@ -84,14 +96,22 @@ func StartWith(t testing.TB, n int, o Options) []*Server {
 	}
 	var tlsArgs []string
 	var caFile string
-	if o.TLS {
+	switch {
+	case o.TLSFiles != nil:
+		caFile = o.TLSFiles.CA
+		ext := "ssl_chain_cert=" + o.TLSFiles.Cert + ",ssl_key=" + o.TLSFiles.Key
+		if o.TLSFiles.ClientCA != "" {
+			ext += ",ssl_ca_cert=" + o.TLSFiles.ClientCA + ",ssl_verify_mode=2"
+		}
+		tlsArgs = []string{"-Z", "-o", ext}
+	case o.TLS:
 		caFile, tlsArgs = makeCerts(t)
 	}
 	out := make([]*Server, 0, n)
 	for range n {
 		s := &Server{t: t, CAFile: caFile, portFile: filepath.Join(t.TempDir(), "ports"), env: o.Env,
-			host: cmp.Or(o.Listen, "127.0.0.1"), wrap: o.Wrap}
-		s.args = []string{"-l", s.host, "-U", "0", "-m", strconv.Itoa(o.MemoryMB), "-c", "1024", "-t", "2"}
+			host: cmp.Or(o.Listen, "127.0.0.1"), wrap: o.Wrap, plain: o.TLSFiles != nil}
+		s.args = []string{"-U", "0", "-m", strconv.Itoa(o.MemoryMB), "-c", "1024", "-t", "2"}
 		if os.Geteuid() == 0 {
 			s.args = append(s.args, "-u", "root")
 		}
@@ -130,12 +150,19 @@ func Addrs(servers []*Server) []string {
 func (s *Server) start() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	port := "-1"
+	port, plainPort := "-1", "-1"
 	if s.Addr != "" {
 		_, port, _ = net.SplitHostPort(s.Addr)
 	}
+	if s.PlainAddr != "" {
+		_, plainPort, _ = net.SplitHostPort(s.PlainAddr)
+	}
+	listen := s.host
+	if s.plain {
+		listen += ",notls:" + s.host + ":" + plainPort
+	}
 	_ = os.Remove(s.portFile)
-	argv := append(append(append([]string(nil), s.wrap...), Binary, "-p", port), s.args...)
+	argv := append(append(append([]string(nil), s.wrap...), Binary, "-p", port, "-l", listen), s.args...)
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(append(os.Environ(), s.env...), "MEMCACHED_PORT_FILENAME="+s.portFile)
 	var stderr bytes.Buffer
@@ -154,9 +181,12 @@ func (s *Server) start() error {
 		default:
 		}
 		if s.Addr == "" {
-			s.Addr = boundAddr(s.portFile, s.host)
+			s.Addr, s.PlainAddr = boundAddr(s.portFile, s.host, s.plain)
 		}
-		if s.Addr != "" && ping(s.Addr, s.CAFile != "" || slices.Contains(s.args, "-S") || slices.Contains(s.args, "-B")) == nil {
+		if s.Addr != "" && s.plain && ping(s.PlainAddr, false) == nil {
+			break
+		}
+		if s.Addr != "" && !s.plain && ping(s.Addr, s.CAFile != "" || slices.Contains(s.args, "-S") || slices.Contains(s.args, "-B")) == nil {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -170,19 +200,51 @@ func (s *Server) start() error {
 	return nil
 }
 
-// boundAddr reads the TCP port memcached wrote to its port file ("TCP INET:
-// 12345"); "" until it is there.
-func boundAddr(portFile, host string) string {
+// boundAddr reads the TCP ports memcached wrote to its port file ("TCP INET:
+// 12345", one line per listener in -l order) on host; "" until they are
+// there. plain says a second (notls) listener follows; without one,
+// PlainAddr is addr.
+func boundAddr(portFile, host string, plain bool) (addr, plainAddr string) {
 	b, err := os.ReadFile(portFile)
 	if err != nil {
-		return ""
+		return "", ""
 	}
+	var addrs []string
 	for _, line := range strings.Split(string(b), "\n") {
 		if p, ok := strings.CutPrefix(line, "TCP INET: "); ok {
-			return net.JoinHostPort(host, strings.TrimSpace(p))
+			addrs = append(addrs, net.JoinHostPort(host, strings.TrimSpace(p)))
 		}
 	}
-	return ""
+	switch {
+	case !plain && len(addrs) >= 1:
+		return addrs[0], addrs[0]
+	case plain && len(addrs) >= 2:
+		return addrs[0], addrs[1]
+	}
+	return "", ""
+}
+
+// RefreshCerts makes a server started with TLSFiles read its certificate,
+// key and client CA again (memcached's refresh_certs, sent on PlainAddr).
+// Connections already open keep their session.
+func (s *Server) RefreshCerts() error {
+	c, err := net.DialTimeout("tcp", s.PlainAddr, time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte("refresh_certs\r\n")); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if line != "OK\r\n" {
+		return fmt.Errorf("memcached %s: refresh_certs answered %q", s.Addr, strings.TrimSpace(line))
+	}
+	return nil
 }
 
 // ping connects and runs "version" (for TLS, SASL or binary-only servers
@@ -281,47 +343,9 @@ func (s *Server) Running() bool {
 func makeCerts(t testing.TB) (string, []string) {
 	t.Helper()
 	dir := t.TempDir()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "memcachetest CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IsCA:                  true,
-		KeyUsage:              x509.KeyUsageCertSign,
-		BasicConstraintsValid: true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatalf("memcachetest: CA: %v", err)
-	}
-	ca, _ := x509.ParseCertificate(caDER)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "localhost"},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatalf("memcachetest: server certificate: %v", err)
-	}
-	keyDER, _ := x509.MarshalECPrivateKey(key)
-	caFile := filepath.Join(dir, "ca.pem")
-	certFile := filepath.Join(dir, "server.pem")
-	keyFile := filepath.Join(dir, "server-key.pem")
-	write := func(path, typ string, b []byte) {
-		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
-			t.Fatalf("memcachetest: %v", err)
-		}
-	}
-	write(caFile, "CERTIFICATE", caDER)
-	write(certFile, "CERTIFICATE", der)
-	write(keyFile, "EC PRIVATE KEY", keyDER)
+	ca := testutil.NewCA(t, "memcachetest CA")
+	caFile := ca.WriteCA(t, filepath.Join(dir, "ca.pem"))
+	certFile, keyFile := filepath.Join(dir, "server.pem"), filepath.Join(dir, "server-key.pem")
+	ca.Issue(t, certFile, keyFile, testutil.Leaf{Name: "localhost", Hosts: []string{"localhost", "127.0.0.1"}})
 	return caFile, []string{"-Z", "-o", "ssl_chain_cert=" + certFile + ",ssl_key=" + keyFile}
 }
