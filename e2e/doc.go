@@ -19,6 +19,7 @@
 //	-e2e.wan-delay       one-way delay of those links (default 50ms)
 //	-e2e.wan-jitter      its jitter (default 10ms)
 //	-e2e.wan-loss        share of packets each link drops (default 0.001)
+//	-e2e.wan-watch-heartbeat  the agents' --watch-heartbeat there (default 100ms)
 //
 // Put them after the package: go test -v ./e2e/ -e2e.regions=50.
 //

@@ -38,7 +38,8 @@ const wanCachedEvery = 50
 // partitioned regions heal and catch up with the 10,000 events they missed
 // (CATCHUP lines: from the heal to the region's consumer acknowledging
 // everything with its entries gone); then the usual end checks hold in every
-// region.
+// region. The agents run with --watch-heartbeat -e2e.wan-watch-heartbeat
+// (100ms), as in TestWANMeasure.
 //
 //	flock /tmp/ksf-heavy.lock go test -count=1 -run 'TestWANManyRegions$' -v -timeout 60m ./e2e/ -e2e.wan-regions=100
 func TestWANManyRegions(t *testing.T) {
@@ -46,7 +47,7 @@ func TestWANManyRegions(t *testing.T) {
 	if n <= 0 {
 		t.Skip("runs only with -e2e.wan-regions=N (100 for the big variant)")
 	}
-	e := newEnv(t, envOptions{regions: n, serversPerRegion: 1,
+	e := newEnv(t, envOptions{regions: n, serversPerRegion: 1, agentArgs: wanScaleAgentArgs(),
 		wan: &wanOptions{delay: *flagWANDelay, jitter: *flagWANJitter, loss: *flagWANLoss}})
 	w := e.work
 	victims := w.victims(wanBigBurst, 1)
@@ -178,6 +179,9 @@ func (e *env) consumerAckFloor(name string) uint64 {
 //   - WAN bytes per event and region: a burst, counted by the proxies both
 //     ways, less the idle rate over the same time.
 //
+// The agents run with --watch-heartbeat -e2e.wan-watch-heartbeat (100ms: at
+// the default 20ms, 100 idle regions saturated 2 cores).
+//
 // Lines starting with WAN are the numbers of docs/BENCHMARKS.md.
 //
 //	flock /tmp/ksf-heavy.lock go test -count=1 -run 'TestWANMeasure$' -v -timeout 60m ./e2e/ -e2e.wan-measure=10,100
@@ -199,8 +203,8 @@ const wanMeasureSamples = 100
 
 func measureWAN(t *testing.T, n int) {
 	wo := &wanOptions{delay: *flagWANDelay, jitter: *flagWANJitter, loss: *flagWANLoss}
-	e := newEnv(t, envOptions{regions: n, serversPerRegion: 1, wan: wo})
-	link := fmt.Sprintf("%d regions, links %s ± %s one way, loss %g", n, wo.delay, wo.jitter, wo.loss)
+	e := newEnv(t, envOptions{regions: n, serversPerRegion: 1, wan: wo, agentArgs: wanScaleAgentArgs()})
+	link := fmt.Sprintf("%d regions, links %s ± %s one way, loss %g, --watch-heartbeat %s", n, wo.delay, wo.jitter, wo.loss, *flagWANHeartbeat)
 	rc := e.receiptCollector()
 
 	// Idle: after a quiet moment, only heartbeats and pings.

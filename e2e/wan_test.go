@@ -60,10 +60,17 @@ var (
 		"run TestWANManyRegions with this many regions behind simulated WAN links (0: not run; 100 for the big variant)")
 	flagWANMeasure = flag.String("e2e.wan-measure", "",
 		"run TestWANMeasure at these numbers of regions, comma-separated (for example 10,100; empty: not run)")
-	flagWANDelay  = flag.Duration("e2e.wan-delay", 50*time.Millisecond, "one-way delay of each region's WAN link (TestWANManyRegions, TestWANMeasure)")
-	flagWANJitter = flag.Duration("e2e.wan-jitter", 10*time.Millisecond, "jitter of the one-way delay (TestWANManyRegions, TestWANMeasure)")
-	flagWANLoss   = flag.Float64("e2e.wan-loss", 0.001, "share of the WAN link's packets dropped, each direction (TestWANManyRegions, TestWANMeasure)")
+	flagWANDelay     = flag.Duration("e2e.wan-delay", 50*time.Millisecond, "one-way delay of each region's WAN link (TestWANManyRegions, TestWANMeasure)")
+	flagWANJitter    = flag.Duration("e2e.wan-jitter", 10*time.Millisecond, "jitter of the one-way delay (TestWANManyRegions, TestWANMeasure)")
+	flagWANLoss      = flag.Float64("e2e.wan-loss", 0.001, "share of the WAN link's packets dropped, each direction (TestWANManyRegions, TestWANMeasure)")
+	flagWANHeartbeat = flag.Duration("e2e.wan-watch-heartbeat", 100*time.Millisecond,
+		"the agents' --watch-heartbeat in TestWANManyRegions and TestWANMeasure (the agent's default, 20ms, made 100 idle regions saturate 2 cores)")
 )
+
+// wanScaleAgentArgs are the extra agent flags of the flag-gated WAN tests.
+func wanScaleAgentArgs() []string {
+	return []string{"--watch-heartbeat", flagWANHeartbeat.String()}
+}
 
 // centralDomain is the central JetStream domain, as in deploy/nats.
 const centralDomain = "central"
