@@ -90,6 +90,12 @@ func agentComponents(o *AgentOptions, nc *nats.Conn, reg prometheus.Registerer, 
 	io := o.Invalidation
 	if lag := cmp.Or(io.MaxConfirmLag, tokencache.DefaultMaxConfirmLag); o.Agent.SecondPassDelay > 0 && lag >= o.Agent.SecondPassDelay {
 		io.MaxConfirmLag = o.Agent.SecondPassDelay / 2
+		// Three heartbeat markers confirm the index: they must fit.
+		if hb := cmp.Or(io.HeartbeatInterval, tokencache.DefaultHeartbeatInterval); 4*hb > io.MaxConfirmLag {
+			io.HeartbeatInterval = io.MaxConfirmLag / 4
+			log.Info("a short --second-pass-delay: the memcached watch heartbeat is faster to confirm the index in time",
+				"second_pass_delay", o.Agent.SecondPassDelay.String(), "watch_heartbeat", io.HeartbeatInterval.String())
+		}
 	}
 	inv, err := tokencache.NewInvalidator(cluster, io, reg, log.With("component", "invalidator", "region", o.Agent.Region))
 	if err != nil {
