@@ -414,7 +414,9 @@ func (e *env) startRabbitMQ() {
 				t.Logf("cleanup: deleting exchange %s: %v", e.exchange, err)
 			}
 		}
-		conn.Close()
+		e.pub.mu.Lock()
+		e.pub.conn.Close()
+		e.pub.mu.Unlock()
 	})
 	u, err := url.Parse(e.amqpURL)
 	if err != nil {
@@ -438,6 +440,30 @@ func (e *env) startRabbitMQ() {
 	t.Cleanup(func() { e.amqpProxy.Close() })
 }
 
+// reopen dials RabbitMQ again when the publisher's connection is closed: a
+// set-up of many regions on a saturated machine can outlast its heartbeats.
+// Call with p.mu held.
+func (p *publisher) reopen(url string) error {
+	if !p.conn.IsClosed() && !p.ch.IsClosed() {
+		return nil
+	}
+	conn, err := amqp.Dial(url)
+	if err != nil {
+		return fmt.Errorf("reconnecting the test's publisher to RabbitMQ: %w", err)
+	}
+	ch, err := conn.Channel()
+	if err == nil {
+		err = ch.Confirm(false)
+	}
+	if err != nil {
+		conn.Close()
+		return fmt.Errorf("reconnecting the test's publisher to RabbitMQ: %w", err)
+	}
+	p.conn.Close()
+	p.conn, p.ch = conn, ch
+	return nil
+}
+
 // bridgeAMQPURL is the broker URL through the test's proxy.
 func (e *env) bridgeAMQPURL() string {
 	u, _ := url.Parse(e.amqpURL)
@@ -455,6 +481,9 @@ func (e *env) publish(ctx context.Context, msgs []amqpMessage, outs []outcome, r
 	p := e.pub
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if err := p.reopen(e.amqpURL); err != nil {
+		return err
+	}
 	var tick *time.Ticker
 	if rate > 0 {
 		tick = time.NewTicker(time.Duration(float64(time.Second) / rate))
