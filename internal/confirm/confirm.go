@@ -274,10 +274,11 @@ func (c *Collector) Add(r stream.Receipt) {
 			c.order = append(c.order, e.ID)
 			c.trimLocked()
 		}
-		if g, ok := p.gone[r.Region]; ok && !r.Gone.Before(g) {
+		g, seen := p.gone[r.Region]
+		if seen && !r.Gone.Before(g) {
 			continue
 		}
-		if _, ok := p.gone[r.Region]; !ok {
+		if !seen {
 			c.m.regionSeconds.WithLabelValues(r.Region).Observe(nonNegative(r.Gone.Sub(p.stored)).Seconds())
 		}
 		p.gone[r.Region] = r.Gone
