@@ -50,7 +50,7 @@ type Bridge struct {
 	consuming atomic.Bool
 	sessions  int // sessions that consumed: all but the first are reconnects
 	gate      publishGate
-	recheck   chan struct{} // a publish found no stream: check it now
+	recheck   chan struct{} // a publish found no stream, or NATS reconnected: check it now
 
 	mu        sync.Mutex
 	amqpErr   error // why the bridge is not consuming, when it is not
@@ -342,10 +342,7 @@ func (b *Bridge) published(p *pending, ack *jetstream.PubAck, err error) {
 			level = slog.LevelWarn
 		}
 		if errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) {
-			select {
-			case b.recheck <- struct{}{}:
-			default:
-			}
+			b.checkStreamSoon()
 		}
 		b.log.Log(context.Background(), level, "publish to JetStream failed; requeueing the notification (further failures until one succeeds are logged at debug level)",
 			"message_id", p.id, "event_type", p.typ, "err", err)
@@ -419,22 +416,36 @@ func (b *Bridge) checkStream(ctx context.Context, ensure bool) error {
 // reconnect (which it counts) and when a publish found no stream.
 func (b *Bridge) watchStream(ctx context.Context) {
 	reconnected := b.nc.StatusChanged(nats.CONNECTED)
-	defer b.nc.RemoveStatusListener(reconnected)
+	defer b.nc.RemoveStatusListener(reconnected) // closes it, ending the counter
+	// Reconnects are counted apart from the checks: a check under way (slow
+	// while NATS is away) must not delay the count or the log line.
+	go func() {
+		for range reconnected {
+			b.m.reconnects.WithLabelValues(sideNATS).Inc()
+			b.log.Info("NATS reconnected", "url", b.nc.ConnectedUrlRedacted())
+			b.checkStreamSoon()
+		}
+	}()
 	tick := time.NewTicker(b.o.StreamCheckPeriod)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-reconnected:
-			b.m.reconnects.WithLabelValues(sideNATS).Inc()
-			b.log.Info("NATS reconnected", "url", b.nc.ConnectedUrlRedacted())
 		case <-tick.C:
 		case <-b.recheck:
 		}
 		if err := b.checkStream(ctx, false); err != nil && ctx.Err() == nil {
 			b.log.Warn("JetStream stream check failed", "stream", b.o.Stream.Name, "err", err)
 		}
+	}
+}
+
+// checkStreamSoon asks watchStream for a check without waiting for it.
+func (b *Bridge) checkStreamSoon() {
+	select {
+	case b.recheck <- struct{}{}:
+	default:
 	}
 }
 
