@@ -351,9 +351,9 @@ func (b *Bridge) published(p *pending, ack *jetstream.PubAck, err error) {
 		b.m.duplicates.Inc()
 		b.log.Debug("notification already in the stream, dropped as a duplicate", "message_id", p.id, "event_type", p.typ)
 	default:
-		b.m.published.Inc()
 		b.m.latency.WithLabelValues(latencyFromKeystone).Observe(time.Since(p.since).Seconds())
 		b.m.latency.WithLabelValues(latencyFromReceipt).Observe(time.Since(p.recv).Seconds())
+		b.m.published.Inc() // last: a reader that sees it sees the latencies
 	}
 	b.gate.success()
 	b.setErr(&b.streamErr, nil) // a PubAck proves the stream reachable

@@ -147,9 +147,13 @@ func TestEveryFixture(t *testing.T) {
 	for _, c := range wantFiltered {
 		totalFiltered += c
 	}
-	testutil.Eventually(t, 30*time.Second, fmt.Sprintf("%d events in the stream and %d filtered", len(want), totalFiltered), func() (bool, string) {
+	// The bridge counts a publish when its PubAck comes back, which can be
+	// after the stream has stored it.
+	testutil.Eventually(t, 30*time.Second, fmt.Sprintf("%d events in the stream and published, %d filtered", len(want), totalFiltered), func() (bool, string) {
 		got, filtered := n.streamCount(r.stream.Name), int(sum(br.b.m.filtered))
-		return got == len(want) && filtered == totalFiltered, fmt.Sprintf("%d events, %d filtered", got, filtered)
+		published := int(promtest.ToFloat64(br.b.m.published))
+		return got == len(want) && published == len(want) && filtered == totalFiltered,
+			fmt.Sprintf("%d events stored, %d published, %d filtered", got, published, filtered)
 	})
 	stored := n.readStream(t, r.stream.Name)
 	seen := map[string]bool{}
@@ -529,8 +533,16 @@ func TestQueueDropsNotificationsOlderThanItsTTL(t *testing.T) {
 			n := startNATS(t)
 			o := r.options()
 			o.QueueType = tt.queueType
-			o.QueueMessageTTL = time.Second
+			// Long enough to count the messages before they expire, on a
+			// loaded machine too.
+			o.QueueMessageTTL = 3 * time.Second
 			startBridge(t, o, n.nc).stop() // declares the queue, then goes away
+			// RabbitMQ forgets the consumer when it has handled the closed
+			// connection, which can be after stop returned.
+			testutil.Eventually(t, 10*time.Second, "no consumer on the queue", func() (bool, string) {
+				_, c := r.queueDepth(r.queue)
+				return c == 0, fmt.Sprintf("%d consumers", c)
+			})
 			msgs, _ := notifications(3)
 			r.publish(msgs...)
 			if m, c := r.queueDepth(r.queue); m != 3 || c != 0 {
@@ -541,7 +553,7 @@ func TestQueueDropsNotificationsOlderThanItsTTL(t *testing.T) {
 				return m == 0, fmt.Sprintf("%d messages", m)
 			})
 			// The TTL is the queue's own argument: a declaration with another is refused.
-			args := amqp.Table{"x-message-ttl": int64(2000)}
+			args := amqp.Table{"x-message-ttl": int64(2000)} // not o.QueueMessageTTL
 			if tt.queueType == QueueQuorum {
 				args["x-queue-type"] = QueueQuorum
 			}
