@@ -248,7 +248,9 @@ func TestSecondPassMergedIntoFirstPass(t *testing.T) {
 			}
 			o := testOptions()
 			o.BatchLinger = -1 // C's first pass is ready as soon as it arrives
-			o.SecondPassDelay = 300 * time.Millisecond
+			// Long enough for B to reach the agent before A's second pass
+			// is due, on a loaded machine too.
+			o.SecondPassDelay = 2 * time.Second
 			ra := startAgent(t, env.nc, o, inv)
 			ra.waitBound(t)
 
@@ -351,7 +353,8 @@ func TestFirstStartReplaysOnlyTheWindow(t *testing.T) {
 	old := testEvent(1)
 	env.publish(old)
 	o := testOptions()
-	o.TokenCacheTime = time.Second
+	// The agent must bind within this of the recent event's publish.
+	o.TokenCacheTime = 3 * time.Second
 	o.ReplayMargin = time.Nanosecond
 	// Wait (not for synchronisation: the old event must age out of the window).
 	testutil.Eventually(t, 10*time.Second, "the old event to be older than the replay window", func() (bool, string) {
@@ -788,8 +791,10 @@ func TestProgressPreventsRedelivery(t *testing.T) {
 	env := newEnv(t)
 	inv := &fakeInvalidator{}
 	o := testOptions()
-	o.RedeliveryBackoff = []time.Duration{500 * time.Millisecond}
-	o.SecondPassDelay = 2 * time.Second // four ack waits
+	// An ack wait long enough that a loaded machine's stall of the progress
+	// reports is not taken for their absence.
+	o.RedeliveryBackoff = []time.Duration{1500 * time.Millisecond}
+	o.SecondPassDelay = 6 * time.Second // four ack waits
 	ra := startAgent(t, env.nc, o, inv)
 	ra.waitBound(t)
 	env.publish(testEvent(1))

@@ -69,6 +69,9 @@ func TestResolveThroughThePoller(t *testing.T) {
 			inv := &fakeInvalidator{}
 			o := testOptions()
 			o.ResolveWait = 300 * time.Millisecond
+			if tt.proof {
+				o.ResolveWait = 10 * time.Second // the proof comes in a later publish
+			}
 			ra := startAgent(t, env.nc, o, inv)
 			ra.waitBound(t)
 			if tt.lease {

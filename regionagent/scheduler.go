@@ -315,12 +315,13 @@ func (a *Agent) safeInvalidate(ctx context.Context, evs []event.Event) (res toke
 // finish acknowledges a handled event (or closes a gap) and forgets it.
 func (a *Agent) finish(it *item) {
 	if it.msg != nil {
+		// Counted first: whoever sees the acknowledgement sees the count.
+		a.m.events.WithLabelValues(typeLabel(&it.ev)).Inc()
 		if err := it.msg.Ack(); err != nil {
 			a.m.ackFailures.Inc()
 			a.log.Warn("acknowledgement not sent; the event will be redelivered and invalidated again",
 				"stream_seq", it.seq, "err", err)
 		}
-		a.m.events.WithLabelValues(typeLabel(&it.ev)).Inc()
 	} else if it.gap {
 		a.log.Info("gap sweep finished", "reason", it.ev.Widen, "seq", it.seq)
 	}

@@ -307,6 +307,9 @@ func TestSkippedLookedUpAgain(t *testing.T) {
 			nc := connect(t, "nats://"+px.Addr())
 			o := testOptions()
 			o.skippedTimeout = 300 * time.Millisecond
+			if tc.resume {
+				o.skippedTimeout = 2 * time.Second // the lookups after the resume must not time out
+			}
 			o.skippedRetry = []time.Duration{200 * time.Millisecond, 200 * time.Millisecond}
 			retried := make(chan struct{}, 10)
 			log := slog.New(signalHandler{Handler: testutil.Logger(t).Handler(), msg: "cannot tell whether skipped events are still in the stream; looking again before sweeping", c: retried})
