@@ -75,6 +75,12 @@ func runInvalidator(t testing.TB, c *memcache.Cluster, opts tokencache.Options, 
 	return &running{Invalidator: inv, reg: reg, logs: logs}
 }
 
+// slowMachineConfirmLag is the Options.MaxConfirmLag of tests that expect a
+// batch on the live index: with the default (500 ms) a loaded machine that
+// stalls the heartbeat between waitLive and the batch would send it to the
+// crawl.
+const slowMachineConfirmLag = 10 * time.Second
+
 // waitLive waits until every server's live index is complete and confirmed.
 func (r *running) waitLive(t testing.TB) {
 	t.Helper()
@@ -166,7 +172,7 @@ func TestLiveBatch(t *testing.T) {
 	victim, other := g.ID(), g.ID()
 	victims, others := userEntries(g, victim, 8), userEntries(g, other, 8)
 	mw.Write(append(append([]kmwtest.Entry{}, victims...), others...))
-	inv := runInvalidator(t, c, tokencache.Options{})
+	inv := runInvalidator(t, c, tokencache.Options{MaxConfirmLag: slowMachineConfirmLag})
 	inv.waitLive(t)
 
 	// One more of the victim's entries, stored just before the batch.
@@ -546,7 +552,7 @@ func TestCompressedValues(t *testing.T) {
 				t.Fatalf("crawl path: %+v; want 6 removed (3 entries on each server), none unreadable, 12 kept", res.Counts)
 			}
 			// Live path.
-			live := runInvalidator(t, c, tokencache.Options{})
+			live := runInvalidator(t, c, tokencache.Options{MaxConfirmLag: slowMachineConfirmLag})
 			live.waitLive(t)
 			res, err = live.Invalidate(ctx, []event.Event{userEvent("c2", v2)})
 			if err != nil {
@@ -589,7 +595,7 @@ func TestServersThatCannotBeWatchedOrListed(t *testing.T) {
 			victim, other := g.ID(), g.ID()
 			ctx := context.Background()
 			s := c.Servers()[0]
-			inv := runInvalidator(t, c, tokencache.Options{})
+			inv := runInvalidator(t, c, tokencache.Options{MaxConfirmLag: slowMachineConfirmLag})
 			testutilEventually(t, 10*time.Second, func() bool {
 				return inv.metric(t, "keystone_fanout_invalidator_server_mode", map[string]string{"mode": tc.mode}) == 1
 			})
