@@ -355,6 +355,14 @@ func readStatus(ctx context.Context, js jetstream.JetStream, stream, bucket stri
 	if err := consumers.Err(); err != nil {
 		return nil, fmt.Errorf("listing consumers of %q: %w", stream, err)
 	}
+	// An agent renews its pull request when the last one expires, a round
+	// trip later: a consumer seen with none waiting is looked at again
+	// before it is called unattached.
+	for _, r := range regions {
+		if r.Consumer && !r.Mirror && r.Waiting == 0 && r.AckPending == 0 {
+			r.Waiting = waitingAgain(ctx, s, r.Name)
+		}
+	}
 	cps, err := regionagent.ReadCheckpoints(ctx, js, bucket)
 	if err != nil && log != nil {
 		log.Warn("cannot read the regions' checkpoints", "bucket", bucket, "err", err)
@@ -379,6 +387,26 @@ func readStatus(ctx context.Context, js jetstream.JetStream, stream, bucket stri
 	}
 	slices.SortFunc(st.Consumers, func(a, b RegionStatus) int { return strings.Compare(a.Name, b.Name) })
 	return st, nil
+}
+
+// waitingAgain reads the pull requests waiting on consumer name up to three
+// more times, 100 ms apart, and returns the first count above 0, else 0.
+func waitingAgain(ctx context.Context, s jetstream.Stream, name string) int {
+	for range 3 {
+		select {
+		case <-ctx.Done():
+			return 0
+		case <-time.After(100 * time.Millisecond):
+		}
+		c, err := s.Consumer(ctx, name)
+		if err != nil {
+			return 0
+		}
+		if n := c.CachedInfo().NumWaiting; n > 0 {
+			return n
+		}
+	}
+	return 0
 }
 
 // oldestUnacked is the age, at now, of the first event after ci's ack floor
