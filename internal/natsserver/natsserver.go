@@ -228,6 +228,18 @@ func (s *Server) Restart() error {
 	s.Shutdown()
 	o := s.opts
 	o.Listen = addr
+	// The port was ours a moment ago, but another socket may hold it for a
+	// while (an outgoing connection's ephemeral port): wait until it is free.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		l, err := net.Listen("tcp", addr)
+		if err == nil {
+			l.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("restarting the embedded NATS server: %w", err)
+		}
+	}
 	ns, err := Start(o)
 	if err != nil {
 		return err
