@@ -218,11 +218,20 @@ func lastReceipt(t testing.TB, natsURL, region string) stream.Receipt {
 	return r
 }
 
-// publishKeystone publishes a basic-format notification as Keystone does.
+// publishKeystone publishes a basic-format notification as Keystone does,
+// with the routing key notifications.info.
 func publishKeystone(t testing.TB, exchange, eventType, id string) {
 	t.Helper()
+	publishKeystoneTo(t, exchange, "notifications.info", eventType, id)
+}
+
+// publishKeystoneTo publishes a basic-format notification as Keystone does
+// and returns its message_id.
+func publishKeystoneTo(t testing.TB, exchange, routingKey, eventType, id string) string {
+	t.Helper()
+	msgID := "m-" + testutil.NameSuffix()
 	inner, _ := json.Marshal(map[string]any{
-		"message_id": "m-" + testutil.NameSuffix(), "publisher_id": "identity.test", "event_type": eventType,
+		"message_id": msgID, "publisher_id": "identity.test", "event_type": eventType,
 		"priority": "INFO", "payload": map[string]any{"resource_info": id},
 		"timestamp": time.Now().UTC().Format("2006-01-02 15:04:05.000000"),
 	})
@@ -236,12 +245,13 @@ func publishKeystone(t testing.TB, exchange, eventType, id string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = ch.PublishWithContext(context.Background(), exchange, "notifications.info", false, false, amqp.Publishing{
+	err = ch.PublishWithContext(context.Background(), exchange, routingKey, false, false, amqp.Publishing{
 		ContentType: "application/json", ContentEncoding: "utf-8", DeliveryMode: 2, Body: body,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
+	return msgID
 }
 
 func deleteAMQP(t testing.TB, exchange, queue string) {

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	gomemcache "github.com/bradfitz/gomemcache/memcache"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	amqp "github.com/rabbitmq/amqp091-go"
 
@@ -22,6 +24,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/memcache/memcachetest"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/revoke"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
@@ -48,7 +51,20 @@ type changeRig struct {
 	cache  *kmwtest.Cache
 	reg    *prometheus.Registry
 	member string // role id
+	// Where Keystone publishes its notifications, and the daemon's stream.
+	exchange, routingKey string
+	js                   jetstream.JetStream
 }
+
+const (
+	// changeRegion is the rig's one region.
+	changeRegion = "regionTwo"
+	// A loaded machine can stall a poll or a lease renewal past the
+	// defaults (2 s each), and the agent would then sweep where the test
+	// wants precision; the times measured do not depend on these.
+	changeResolveWait = 5 * time.Second
+	changeLeaseTTL    = 6 * time.Second
+)
 
 // cached writes the tokens' validations through the middleware and returns
 // where each went.
@@ -71,17 +87,39 @@ func (r *changeRig) cached(ctx context.Context, tokens ...string) []kmwtest.Writ
 	return ws
 }
 
-// settled waits until the agent holds no event: every notification the
-// setup caused (creating a role assignment removes the user's entries) went
-// through both passes, so that entries cached from now on are only removed
-// by the change under test.
+// settled waits until the agent has acknowledged every event the setup
+// caused (creating a role assignment removes the user's entries), both passes
+// done, so that entries cached from now on are only removed by the change
+// under test. Keystone has sent the setup's notifications when its API
+// answered, so a marker notification published now (about a user nobody
+// caches) follows them through the queue and the stream: once the region's
+// consumer has acknowledged the marker, it has acknowledged them.
 func (r *changeRig) settled() {
 	r.t.Helper()
-	time.Sleep(100 * time.Millisecond) // Keystone -> RabbitMQ -> bridge -> stream -> agent
-	testutil.Eventually(r.t, 30*time.Second, "the agent idle", func() (bool, string) {
-		held := testutil.Metric(r.reg, "keystone_fanout_agent_events_in_progress")
-		pending := testutil.Metric(r.reg, "keystone_fanout_agent_consumer_pending")
-		return held == 0 && pending == 0, fmt.Sprintf("%v events in progress, %v pending", held, pending)
+	marker := publishKeystoneTo(r.t, r.exchange, r.routingKey, "identity.user.updated", "settled-"+testutil.NameSuffix())
+	ctx := context.Background()
+	testutil.Eventually(r.t, 30*time.Second, "the region to acknowledge the marker "+marker, func() (bool, string) {
+		s, err := r.js.Stream(ctx, stream.Default().Name)
+		if err != nil {
+			return false, err.Error()
+		}
+		last := s.CachedInfo().State.LastSeq
+		var seq uint64
+		for q := last; q > 0 && q+64 > last && seq == 0; q-- {
+			if m, err := s.GetMsg(ctx, q); err == nil && m.Header.Get(nats.MsgIdHdr) == marker {
+				seq = q
+			}
+		}
+		if seq == 0 {
+			return false, fmt.Sprintf("not among the stream's last messages (last sequence %d)", last)
+		}
+		c, err := s.Consumer(ctx, stream.ConsumerName(changeRegion))
+		if err != nil {
+			return false, err.Error()
+		}
+		ci := c.CachedInfo()
+		return ci.AckFloor.Stream >= seq && ci.NumAckPending == 0,
+			fmt.Sprintf("marker at %d, ack floor %d, %d awaiting acknowledgement", seq, ci.AckFloor.Stream, ci.NumAckPending)
 	})
 }
 
@@ -319,7 +357,7 @@ func testChanges(t *testing.T, format string) {
 	}
 	servers := memcachetest.Start(t, 2)
 	r := &changeRig{t: t, ks: ks, cache: kmwtest.Start(t, memcachetest.Addrs(servers), kmwtest.MAC, "region-secret", 0),
-		reg: prometheus.NewRegistry(), member: member}
+		reg: prometheus.NewRegistry(), member: member, exchange: exchange, routingKey: topic + ".info"}
 
 	removals := make(chan tokencache.Removal, 1024)
 	// whyRemoved says which event removed the entry under key, if one did.
@@ -340,6 +378,7 @@ func testChanges(t *testing.T, format string) {
 		}
 		return fmt.Sprintf("removed for %s (event %s)", rm.Reason, rm.EventID)
 	}
+	natsURL := make(chan string, 1)
 	pw := filepath.Join(t.TempDir(), "password")
 	if err := os.WriteFile(pw, []byte(ks.AdminPassword+"\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -350,13 +389,15 @@ func testChanges(t *testing.T, format string) {
 				QueueType: bridge.QueueClassic, RoutingKeys: []string{topic + ".info"}},
 			Embedded: natsserver.Options{Listen: "127.0.0.1:-1", DataDir: t.TempDir()},
 			Revoke: &revoke.Options{URL: ks.URL, Username: ks.AdminUser, PasswordFile: pw, Project: ks.AdminProject,
-				MaxBackoff: time.Second},
+				MaxBackoff: time.Second, LeaseTTL: changeLeaseTTL},
 			Registry: r.reg, ShutdownTimeout: 20 * time.Second,
+			OnNATS: func(u string) { natsURL <- u },
 		},
 		Agent: AgentOptions{
 			// A short second pass, so that settled() is quick; the first
 			// pass, which the times below measure, does not depend on it.
-			Agent:    regionagent.Options{Region: "regionTwo", SecondPassDelay: 300 * time.Millisecond},
+			Agent: regionagent.Options{Region: changeRegion, SecondPassDelay: 300 * time.Millisecond,
+				ResolveWait: changeResolveWait},
 			Memcache: memcache.Options{Servers: memcachetest.List(servers)},
 			// A short late write-back window: the rig caches the tokens it
 			// sets up right after the role assignments that make them
@@ -369,6 +410,14 @@ func testChanges(t *testing.T, format string) {
 		},
 	}
 	runAllInOne(t, o)
+	nc, err := nats.Connect(<-natsURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	if r.js, err = jetstream.New(nc); err != nil {
+		t.Fatal(err)
+	}
 	testutil.Eventually(t, 60*time.Second, "the poller holding its lease, the agent consuming and seeing the poller", func() (bool, string) {
 		held := testutil.Metric(r.reg, "keystone_fanout_revoke_lease_held")
 		bound := testutil.Metric(r.reg, "keystone_fanout_agent_consumer_bound")
@@ -397,7 +446,7 @@ func testChanges(t *testing.T, format string) {
 			if c.staysIn == format {
 				// Nothing to revoke: the poller's proof lets the notification go
 				// without a sweep. Wait longer than --resolve-wait.
-				time.Sleep(regionagent.DefaultResolveWait + 500*time.Millisecond)
+				time.Sleep(changeResolveWait + 500*time.Millisecond)
 				if ok, err := present(entry); !ok {
 					t.Fatalf("the entry of a change that revokes nothing was removed (%v, %s)", err, whyRemoved(entry.Key))
 				}
@@ -423,7 +472,7 @@ func testChanges(t *testing.T, format string) {
 	}
 	r.t = t
 	// A sweep for a change waiting on the poller would come after --resolve-wait.
-	time.Sleep(regionagent.DefaultResolveWait + 500*time.Millisecond)
+	time.Sleep(changeResolveWait + 500*time.Millisecond)
 	if ok, err := present(bystander); !ok {
 		t.Errorf("the bystander's entry was removed at the end (%v)", err)
 	}
