@@ -16,10 +16,10 @@ import (
 // through the middleware, as soon as the first pass emptied every region.
 // Each agent's live index reads every store memcached reports and removes at
 // once those an event of its recent window concerns: the write-backs must be
-// gone before the second pass (--second-pass-delay, 5s here) could run, the
+// gone before the second pass (--second-pass-delay, 10s here) could run, the
 // events still unacknowledged, and the second pass must find nothing left.
 func TestStaleWriteBackAfterFirstPass(t *testing.T) {
-	e := newEnv(t, envOptions{agentArgs: []string{"--second-pass-delay", "5s", "--late-write-back-window", "15s"}})
+	e := newEnv(t, envOptions{agentArgs: []string{"--second-pass-delay", "10s", "--late-write-back-window", "20s"}})
 	w := e.work
 	victims := w.victims(30, 1)
 	unrelated, _ := w.unrelated(20)
@@ -41,7 +41,7 @@ func TestStaleWriteBackAfterFirstPass(t *testing.T) {
 	})
 	gone := time.Now()
 	if ok, seen := e.allAcked(e.regions); ok {
-		t.Fatalf("expected the events to be still unacknowledged when the write-backs were gone (%s after the first pass, second pass delay 5s); they are all acknowledged: %s",
+		t.Fatalf("expected the events to be still unacknowledged when the write-backs were gone (%s after the first pass, second pass delay 10s); they are all acknowledged: %s",
 			gone.Sub(firstPass).Round(time.Millisecond), seen)
 	}
 	e.verify(expect{gone: victimTokens(victims), kept: entryTokens(unrelated)})
