@@ -366,14 +366,16 @@ func covers(subjects []string, prefix string) bool {
 }
 
 // clockNATS compares the NATS server's clock with this host's.
-func clockNATS(si *jetstream.StreamInfo, sent time.Time, r *Report) {
+func clockNATS(si *jetstream.StreamInfo, sent, got time.Time, r *Report) {
 	if si == nil || si.TimeStamp.IsZero() {
 		return
 	}
-	skew := si.TimeStamp.Sub(sent)
+	// The server stamped its answer between sent and got: compare with the
+	// middle, allowing half the round trip.
+	skew := si.TimeStamp.Sub(sent.Add(got.Sub(sent) / 2))
 	f := Finding{Check: "clock", Target: "NATS server", Level: LevelOK,
 		Summary: fmt.Sprintf("the NATS server's clock is %s %s this host's", skewText(skew), aheadBehind(skew))}
-	if skew.Abs() < time.Second {
+	if skew.Abs() < time.Second+got.Sub(sent)/2 {
 		f.Summary = "the NATS server's clock and this host's agree within a second"
 	}
 	if skew.Abs() > 2*time.Second {

@@ -95,7 +95,7 @@ func Bridge(ctx context.Context, o BridgeOptions) *Report {
 	} else if s := connectNATS(ctx, o.NATS, "", o.timeout(), r); s != nil {
 		sent := time.Now()
 		si := s.checkStream(ctx, o.Stream, o.SubjectPrefix, false, r)
-		clockNATS(si, sent, r)
+		clockNATS(si, sent, time.Now(), r)
 		ops := s.streamOps(o.Stream, o.SubjectPrefix)
 		if o.Keystone != nil {
 			ops = append(ops, s.kvOps(ctx, bucketOr(o.Keystone.Bucket, revoke.DefaultBucket), keyOr(o.Keystone.Key, revoke.DefaultKey))...)
@@ -124,7 +124,7 @@ func Agent(ctx context.Context, o AgentOptions) *Report {
 				"): the agent creates it and its source consumer on the central stream at its first start; the central side's permissions for them are checked then (/readyz)"})
 		}
 		si := s.checkStream(ctx, o.Stream, "", o.MirrorFrom == "", r)
-		clockNATS(si, sent, r)
+		clockNATS(si, sent, time.Now(), r)
 		ops := []op{{name: "look up the stream", subject: s.api + "STREAM.INFO." + o.Stream, try: s.request(s.api+"STREAM.INFO."+o.Stream, nil)}}
 		more, untested := s.consumerOps(ctx, o.Stream, o.Region)
 		ops = append(ops, more...)
