@@ -281,34 +281,13 @@ func TestNATSServerRestarted(t *testing.T) {
 func TestNATSClusterNodeKilled(t *testing.T) {
 	e := newEnv(t, envOptions{cluster: true})
 	s := e.prepare(burstVictims, unrelatedN)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	st, err := e.js.Stream(ctx, streamName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := st.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if info.Config.Replicas != 3 || info.Cluster == nil || info.Cluster.Leader == "" {
-		t.Fatalf("expected the bridge to create the stream with 3 replicas and a leader; got replicas %d, cluster %+v", info.Config.Replicas, info.Cluster)
-	}
-	leader := info.Cluster.Leader
-	var victimNode *natsNode
-	for _, n := range e.nodes {
-		if n.opts.ServerName == leader {
-			victimNode = n
-		}
-	}
-	if victimNode == nil {
-		t.Fatalf("stream leader %q is not one of the test's nodes", leader)
-	}
+	e.streamLeader() // the bridge created the stream with 3 replicas, and it has a leader
 	b := e.startBurst(s.msgs, s.outs, burstRate)
 	e.waitStreamAtLeast(burstVictims / 4)
+	victimNode := e.streamLeader()
 	fault := time.Now()
 	victimNode.shutdown()
-	t.Logf("stream leader %s shut down after %d of %d notifications", leader, b.published(), len(s.msgs))
+	t.Logf("stream leader %s shut down after %d of %d notifications", victimNode.opts.ServerName, b.published(), len(s.msgs))
 	b.wait(t)
 	v := e.verify(s.expect())
 	logRecovery(t, "NATS cluster: the stream leader killed during a burst (R3, stays down)", fault, fault, v)

@@ -309,9 +309,10 @@ func TestTLSRotation(t *testing.T) {
 			flags = []string{"--nats-tls-ca", "--nats-tls-cert", "--amqp-tls-ca", "--amqp-tls-cert"}
 		}
 		for _, flag := range flags {
-			if !p.logHas("TLS file changed on disk", flag) {
-				t.Errorf("%s: expected a log line saying %s was re-read after the rotation", p.name, flag)
-			}
+			// The test copies the process's output to its log a moment later.
+			testutil.Eventually(t, 10*time.Second, fmt.Sprintf("%s: a log line saying %s was re-read after the rotation", p.name, flag), func() (bool, string) {
+				return p.logHas("TLS file changed on disk", flag), "not in its log"
+			})
 		}
 	}
 

@@ -38,7 +38,7 @@ func TestAgent(t *testing.T) {
 			Region: "regionTwo", Stream: "KEYSTONE", CheckpointBucket: "keystone-fanout-agents",
 			NATS:     natsconn.Options{URL: natsURL, User: user, Password: pw},
 			Memcache: memcache.Options{Servers: memcachetest.List(servers)},
-			Strategy: tokencache.Targeted, Timeout: 2 * time.Second,
+			Strategy: tokencache.Targeted, Timeout: 15 * time.Second,
 		}
 	}
 	for _, tc := range []struct {

@@ -161,6 +161,6 @@ func (r *rabbit) options(natsURL, user, pw string) BridgeOptions {
 		AMQPURLs: []string{testutil.AMQPURL()}, Exchange: r.exchange, RoutingKeys: []string{r.topic + ".info"},
 		Queue: r.queue, QueueMessageTTL: 6 * time.Minute,
 		NATS:   natsconn.Options{URL: natsURL, User: user, Password: pw},
-		Stream: "KEYSTONE", SubjectPrefix: "keystone", Timeout: 2 * time.Second,
+		Stream: "KEYSTONE", SubjectPrefix: "keystone", Timeout: 15 * time.Second,
 	}
 }

@@ -242,7 +242,7 @@ func TestProbe(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			srv := memcachetest.StartWith(t, 1, tc.o)
-			s := newCluster(t, srv[0].Addr, func(o *memcache.Options) { o.IOTimeout = time.Second }).Servers()[0]
+			s := newCluster(t, srv[0].Addr, func(o *memcache.Options) { o.IOTimeout = 2 * time.Second }).Servers()[0] // -S and -B binary answer by this timeout
 			f, err := s.Probe(context.Background())
 			if tc.wantErr != nil {
 				if !errors.Is(err, tc.wantErr) || !strings.Contains(err.Error(), srv[0].Addr) {

@@ -561,7 +561,7 @@ func TestStrategies(t *testing.T) {
 // same call completes.
 func TestServerDown(t *testing.T) {
 	servers := memcachetest.Start(t, 3)
-	c := newCluster(t, servers, func(o *memcache.Options) { o.IOTimeout = 300 * time.Millisecond })
+	c := newCluster(t, servers, func(o *memcache.Options) { o.IOTimeout = 2 * time.Second }) // short, yet no healthy server misses it
 	g := kmwtest.NewGen(13)
 	user := g.ID()
 	var entries []kmwtest.Entry
