@@ -632,16 +632,19 @@ func (a *Agent) startCheck(ctx context.Context, si *jetstream.StreamInfo, ci *je
 
 // pump moves messages from the consumer to the scheduler until the binding ends.
 func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
-	it, err := cons.Messages(
-		jetstream.PullMaxMessages(a.o.BatchSize),
-		jetstream.PullHeartbeat(a.o.Heartbeat),
-		jetstream.PullExpiry(4*a.o.Heartbeat),
-		jetstream.WithMessagesErrOnMissingHeartbeat(true),
-	)
+	pull := func() (jetstream.MessagesContext, error) {
+		return cons.Messages(
+			jetstream.PullMaxMessages(a.o.BatchSize),
+			jetstream.PullHeartbeat(a.o.Heartbeat),
+			jetstream.PullExpiry(4*a.o.Heartbeat),
+			jetstream.WithMessagesErrOnMissingHeartbeat(true),
+		)
+	}
+	it, err := pull()
 	if err != nil {
 		return fmt.Errorf("consuming from %s: %w", a.consumer, err)
 	}
-	defer stopIterator(it)
+	defer func() { stopIterator(it) }()
 	a.setBound(true)
 	a.log.Info("consuming", "stream", a.o.Stream, "consumer", a.consumer)
 	for {
@@ -661,9 +664,28 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 				a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
 				return fmt.Errorf("consumer %s was deleted", a.consumer)
 			}
-			// Otherwise NATS is away or busy: the iterator pulls again once it
-			// is back.
-			a.log.Debug("missed consumer heartbeats", "info_err", ierr)
+			if ierr == nil {
+				// NATS answers: the iterator has pulled again.
+				a.log.Debug("missed consumer heartbeats", "info_err", ierr)
+				continue
+			}
+			// NATS, or behind a leaf node the link to the central side, is
+			// away. The iterator pulls again only after two more heartbeats
+			// (up to 2 x --consumer-heartbeat after the way is back, a pull
+			// made meanwhile being lost): wait for the consumer to answer,
+			// then pull at once with a new iterator.
+			a.log.Debug("missed consumer heartbeats; waiting for the consumer to answer", "info_err", ierr)
+			if err := a.awaitConsumer(ctx, cons); err != nil {
+				return err
+			}
+			if ctx.Err() != nil {
+				return nil
+			}
+			stopIterator(it)
+			if it, err = pull(); err != nil {
+				return fmt.Errorf("consuming from %s: %w", a.consumer, err)
+			}
+			a.log.Info("the consumer answers again: pulling at once", "stream", a.o.Stream, "consumer", a.consumer)
 		case errors.Is(err, jetstream.ErrConsumerDeleted):
 			a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
 			return fmt.Errorf("consumer %s was deleted", a.consumer)
@@ -673,6 +695,32 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 		}
 	}
 }
+
+// awaitConsumer asks for the consumer's info every half second (or every
+// timed-out request) until it answers; nil when it did or ctx ended, an
+// error when the consumer was deleted.
+func (a *Agent) awaitConsumer(ctx context.Context, cons jetstream.Consumer) error {
+	for {
+		if !backoff.Sleep(ctx, consumerProbeInterval) {
+			return nil
+		}
+		rctx, cancel := context.WithTimeout(ctx, max(a.o.Heartbeat, 2*time.Second))
+		_, err := cons.Info(rctx)
+		cancel()
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, jetstream.ErrConsumerNotFound):
+			a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
+			return fmt.Errorf("consumer %s was deleted", a.consumer)
+		}
+	}
+}
+
+// consumerProbeInterval is how often awaitConsumer asks. Behind a leaf node
+// whose link is down the leaf answers at once (no responders): a cheap local
+// request.
+const consumerProbeInterval = 500 * time.Millisecond
 
 // stopIterator stops it with Drain: JetStream may still deliver to its
 // subscription until the server has seen the unsubscribe, and a message
