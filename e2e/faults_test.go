@@ -12,8 +12,10 @@ import (
 	"time"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/natsconn"
+	"github.com/keystone-fanout/keystone-fanout/internal/stream"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache/kmwtest"
+	"github.com/keystone-fanout/keystone-fanout/regionagent"
 )
 
 // The fault matrix. Every test publishes a burst of token-affecting
@@ -291,6 +293,36 @@ func TestNATSClusterNodeKilled(t *testing.T) {
 	b.wait(t)
 	v := e.verify(s.expect())
 	logRecovery(t, "NATS cluster: the stream leader killed during a burst (R3, stays down)", fault, fault, v)
+
+	// The regions' checkpoints outlive the node as the events do: their
+	// bucket has the stream's replicas, and every region records the burst.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	kvs, err := e.js.Stream(ctx, "KV_"+stream.DefaultCheckpointBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := kvs.CachedInfo().Config.Replicas; r != 3 {
+		t.Errorf("the checkpoint bucket has %d replicas, want 3 (the stream's)", r)
+	}
+	st, err := e.js.Stream(ctx, streamName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := st.CachedInfo().State.LastSeq
+	testutil.Eventually(t, 30*time.Second, "every region's checkpoint at the end of the stream", func() (bool, string) {
+		cps, err := regionagent.ReadCheckpoints(ctx, e.js, stream.DefaultCheckpointBucket)
+		if err != nil {
+			return false, err.Error()
+		}
+		var behind []string
+		for _, r := range e.regions {
+			if cps[r.name].Seq < last {
+				behind = append(behind, fmt.Sprintf("%s at %d", r.name, cps[r.name].Seq))
+			}
+		}
+		return len(behind) == 0, fmt.Sprintf("last sequence %d; %s", last, strings.Join(behind, ", "))
+	})
 }
 
 // regionCut is how long TestRegionCutOffFromNATS keeps a region away from

@@ -117,11 +117,18 @@ func (a *Agent) bucket(ctx context.Context) (jetstream.KeyValue, error) {
 	}
 	kv, err := a.js.KeyValue(ctx, a.o.CheckpointBucket)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		// As many replicas as the stream, so that checkpoints survive the
+		// loss of a node as the events do.
+		var s jetstream.Stream
+		if s, err = a.js.Stream(ctx, a.o.Stream); err != nil {
+			return nil, fmt.Errorf("checkpoint bucket %s: reading the stream's replicas: %w", a.o.CheckpointBucket, err)
+		}
 		kv, err = a.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
 			Bucket:      a.o.CheckpointBucket,
 			Description: "keystone-fanout: how far each region handled the event stream",
 			History:     1,
 			Storage:     jetstream.FileStorage,
+			Replicas:    max(s.CachedInfo().Config.Replicas, 1),
 		})
 		if errors.Is(err, jetstream.ErrBucketExists) {
 			kv, err = a.js.KeyValue(ctx, a.o.CheckpointBucket)

@@ -204,7 +204,7 @@ type Options struct {
 	// start it reveals events the region missed that the stream no longer
 	// holds (purged while the agent was away, or the stream re-created), which
 	// then cost one sweep of every token entry. The agent creates the bucket
-	// (file storage, one replica, history 1) when missing; when it cannot
+	// (file storage, the stream's replicas, history 1) when missing; when it cannot
 	// read or write it, it logs, counts checkpoint_errors_total and goes on.
 	CheckpointBucket string
 	// ResolveWait (--resolve-wait, default 2 s) bounds how long a notification

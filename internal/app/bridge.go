@@ -63,6 +63,10 @@ func (o *BridgeOptions) revokeOptions() *revoke.Options {
 	r := *o.Revoke
 	r.SubjectPrefix = o.Bridge.Stream.SubjectPrefix
 	r.Stream = o.Bridge.Stream.Name
+	if r.BucketReplicas == 0 {
+		// The lease and position survive a node as the stream does.
+		r.BucketReplicas = max(o.Bridge.Stream.Replicas, 1)
+	}
 	return &r
 }
 

@@ -104,7 +104,8 @@ type Options struct {
 	// Bucket and Key name the JetStream key-value entry holding the poller's
 	// position; replicas of the bridge share it. Default
 	// "keystone-fanout-revoke" and "position". The bucket is created when
-	// missing, with BucketReplicas replicas (default 1).
+	// missing, with BucketReplicas replicas (default 1; the bridge sets its
+	// --stream-replicas, so that the lease survives a node as the stream does).
 	Bucket         string
 	Key            string
 	BucketReplicas int
