@@ -674,7 +674,7 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 			// (up to 2 x --consumer-heartbeat after the way is back, a pull
 			// made meanwhile being lost): wait for the consumer to answer,
 			// then pull at once with a new iterator.
-			a.log.Debug("missed consumer heartbeats; waiting for the consumer to answer", "info_err", ierr)
+			a.log.Info("missed consumer heartbeats and the consumer does not answer; asking again every 500ms", "err", ierr)
 			if err := a.awaitConsumer(ctx, cons); err != nil {
 				return err
 			}
