@@ -622,8 +622,9 @@ func (e *env) leafConnected(r *region) {
 // leaf node notices a silent link after its ping budget (ping_interval 5 s,
 // ping_max 3: 15-20 s) and then redials every second without limit; the
 // central node replaces the stale leaf connection when the new one arrives.
-// The agent's pull requests miss their heartbeats after 5 s (two missed make
-// it check its consumer), its events' redelivery wait is 3 s, and its NATS
+// The agent's pull requests miss their heartbeats after 10 s (two of 5 s);
+// then it asks for its consumer every 500 ms and pulls again as soon as the
+// consumer answers. Its events' redelivery wait is 3 s, and its NATS
 // client (internal/natsconn: unlimited reconnects, ping 10 s, 3 outstanding:
 // 30 s) talks to the region's own leaf, which stays up. nats.go's default
 // budget (60 reconnects 2 s apart) does not apply: MaxReconnects is -1

@@ -195,7 +195,9 @@ type Options struct {
 
 	// Heartbeat (--consumer-heartbeat, default 5s) is the idle heartbeat of
 	// the agent's pull requests. Two missed heartbeats make the agent check that
-	// its consumer still exists (and re-create it if not).
+	// its consumer still exists (and re-create it if not); when it does not
+	// answer (NATS, or a leaf node's link, away) the agent asks every 500 ms
+	// and pulls again as soon as it does.
 	Heartbeat time.Duration
 
 	// CheckpointBucket (--checkpoint-bucket, default "keystone-fanout-agents")
