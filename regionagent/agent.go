@@ -644,7 +644,11 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 	if err != nil {
 		return fmt.Errorf("consuming from %s: %w", a.consumer, err)
 	}
-	defer func() { stopIterator(it) }()
+	defer func() {
+		if it != nil {
+			stopIterator(it)
+		}
+	}()
 	a.setBound(true)
 	a.log.Info("consuming", "stream", a.o.Stream, "consumer", a.consumer)
 	for {
@@ -682,9 +686,12 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 				return nil
 			}
 			stopIterator(it)
-			if it, err = pull(); err != nil {
+			it = nil
+			next, err := pull()
+			if err != nil {
 				return fmt.Errorf("consuming from %s: %w", a.consumer, err)
 			}
+			it = next
 			a.log.Info("the consumer answers again: pulling at once", "stream", a.o.Stream, "consumer", a.consumer)
 		case errors.Is(err, jetstream.ErrConsumerDeleted):
 			a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
@@ -698,7 +705,8 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 
 // awaitConsumer asks for the consumer's info every half second (or every
 // timed-out request) until it answers; nil when it did or ctx ended, an
-// error when the consumer was deleted.
+// error (the binding ends) when the consumer or the stream is gone or the
+// NATS connection was closed for good.
 func (a *Agent) awaitConsumer(ctx context.Context, cons jetstream.Consumer) error {
 	for {
 		if !backoff.Sleep(ctx, consumerProbeInterval) {
@@ -713,6 +721,10 @@ func (a *Agent) awaitConsumer(ctx context.Context, cons jetstream.Consumer) erro
 		case errors.Is(err, jetstream.ErrConsumerNotFound):
 			a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
 			return fmt.Errorf("consumer %s was deleted", a.consumer)
+		case errors.Is(err, jetstream.ErrStreamNotFound):
+			return fmt.Errorf("stream %s does not exist: %w", a.o.Stream, err)
+		case a.nc.IsClosed() || errors.Is(err, nats.ErrConnectionClosed):
+			return fmt.Errorf("waiting for consumer %s: %w", a.consumer, err)
 		}
 	}
 }
