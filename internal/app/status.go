@@ -358,11 +358,13 @@ func readStatus(ctx context.Context, js jetstream.JetStream, stream, bucket stri
 	// An agent renews its pull request when the last one expires, a round
 	// trip later: a consumer seen with none waiting is looked at again
 	// before it is called unattached.
+	var idle []*RegionStatus
 	for _, r := range regions {
 		if r.Consumer && !r.Mirror && r.Waiting == 0 && r.AckPending == 0 {
-			r.Waiting = waitingAgain(ctx, s, r.Name)
+			idle = append(idle, r)
 		}
 	}
+	waitingAgain(ctx, s, idle)
 	cps, err := regionagent.ReadCheckpoints(ctx, js, bucket)
 	if err != nil && log != nil {
 		log.Warn("cannot read the regions' checkpoints", "bucket", bucket, "err", err)
@@ -389,24 +391,34 @@ func readStatus(ctx context.Context, js jetstream.JetStream, stream, bucket stri
 	return st, nil
 }
 
-// waitingAgain reads the pull requests waiting on consumer name up to three
-// more times, 100 ms apart, and returns the first count above 0, else 0.
-func waitingAgain(ctx context.Context, s jetstream.Stream, name string) int {
+// waitingAgain reads again, up to three times 100 ms apart, the pull
+// requests waiting on the consumers of regions, and sets each region's
+// Waiting from the first read above 0. It takes at most about 300 ms plus
+// the reads, however many regions.
+func waitingAgain(ctx context.Context, s jetstream.Stream, regions []*RegionStatus) {
 	for range 3 {
+		if len(regions) == 0 {
+			return
+		}
 		select {
 		case <-ctx.Done():
-			return 0
+			return
 		case <-time.After(100 * time.Millisecond):
 		}
-		c, err := s.Consumer(ctx, name)
-		if err != nil {
-			return 0
+		var still []*RegionStatus
+		for _, r := range regions {
+			c, err := s.Consumer(ctx, r.Name)
+			if err != nil {
+				continue
+			}
+			if n := c.CachedInfo().NumWaiting; n > 0 {
+				r.Waiting = n
+				continue
+			}
+			still = append(still, r)
 		}
-		if n := c.CachedInfo().NumWaiting; n > 0 {
-			return n
-		}
+		regions = still
 	}
-	return 0
 }
 
 // oldestUnacked is the age, at now, of the first event after ci's ack floor
