@@ -18,6 +18,7 @@ import (
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
 	"github.com/keystone-fanout/keystone-fanout/internal/natsserver"
 	"github.com/keystone-fanout/keystone-fanout/internal/stream"
+	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 	"github.com/keystone-fanout/keystone-fanout/internal/tokencache"
 )
@@ -37,6 +38,18 @@ func connect(t testing.TB, url string) *nats.Conn {
 	}
 	t.Cleanup(nc.Close)
 	return nc
+}
+
+// connectProxied connects to env's server through a proxy the test can
+// pause, as a silent network would be.
+func connectProxied(t testing.TB, env *testEnv) (*tcpproxy.Proxy, *nats.Conn) {
+	t.Helper()
+	px, err := tcpproxy.Start(env.srv.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { px.Close() })
+	return px, connect(t, "nats://"+px.Addr())
 }
 
 // testEnv is an embedded NATS server with the bridge's stream.

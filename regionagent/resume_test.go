@@ -8,7 +8,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
@@ -29,12 +28,7 @@ func TestConsumerSilent(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := newEnv(t)
-			px, err := tcpproxy.Start(env.srv.Addr())
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { px.Close() })
-			nc := connect(t, "nats://"+px.Addr())
+			px, nc := connectProxied(t, env)
 			o := testOptions()
 			o.Heartbeat = 500 * time.Millisecond
 			silent, answers := make(chan struct{}, 100), make(chan struct{}, 100)

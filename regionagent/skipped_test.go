@@ -12,7 +12,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/event"
-	"github.com/keystone-fanout/keystone-fanout/internal/tcpproxy"
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
 
@@ -126,12 +125,7 @@ func purgeBelow(seq uint64) func(*testing.T, jetstream.Stream) {
 // once, sweeps nothing, and still handles and acknowledges the redelivery.
 func TestLostDeliveryIsNotAGap(t *testing.T) {
 	env := newEnv(t)
-	px, err := tcpproxy.Start(env.srv.Addr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { px.Close() })
-	agentNC := connect(t, "nats://"+px.Addr())
+	px, agentNC := connectProxied(t, env)
 	inv := &fakeInvalidator{}
 	o := testOptions()
 	// Long enough that the redelivery cannot come before the next event, as
@@ -299,12 +293,7 @@ func TestSkippedLookedUpAgain(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			env := newEnv(t)
 			env.publish(events(1, 6)...)
-			px, err := tcpproxy.Start(env.srv.Addr())
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { px.Close() })
-			nc := connect(t, "nats://"+px.Addr())
+			px, nc := connectProxied(t, env)
 			o := testOptions()
 			o.skippedTimeout = 300 * time.Millisecond
 			if tc.resume {
