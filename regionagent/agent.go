@@ -663,14 +663,13 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 		switch {
 		case errors.Is(err, jetstream.ErrNoHeartbeat):
 			a.m.consumerErrors.WithLabelValues(consumerErrHeartbeat).Inc()
-			_, ierr := cons.Info(ctx)
-			if errors.Is(ierr, jetstream.ErrConsumerNotFound) {
-				a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
-				return fmt.Errorf("consumer %s was deleted", a.consumer)
+			ierr, err := a.askConsumer(ctx, cons)
+			if err != nil {
+				return err
 			}
 			if ierr == nil {
 				// NATS answers: the iterator has pulled again.
-				a.log.Debug("missed consumer heartbeats", "info_err", ierr)
+				a.log.Debug("missed consumer heartbeats")
 				continue
 			}
 			// NATS, or behind a leaf node the link to the central side, is
@@ -704,29 +703,39 @@ func (a *Agent) pump(ctx context.Context, cons jetstream.Consumer) error {
 }
 
 // awaitConsumer asks for the consumer's info every half second (or every
-// timed-out request) until it answers; nil when it did or ctx ended, an
-// error (the binding ends) when the consumer or the stream is gone or the
-// NATS connection was closed for good.
+// timed-out request) until it answers; nil when it did or ctx ended, the
+// error of askConsumer when the binding ends.
 func (a *Agent) awaitConsumer(ctx context.Context, cons jetstream.Consumer) error {
 	for {
 		if !backoff.Sleep(ctx, consumerProbeInterval) {
 			return nil
 		}
-		rctx, cancel := context.WithTimeout(ctx, max(a.o.Heartbeat, 2*time.Second))
-		_, err := cons.Info(rctx)
-		cancel()
-		switch {
-		case err == nil:
-			return nil
-		case errors.Is(err, jetstream.ErrConsumerNotFound):
-			a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
-			return fmt.Errorf("consumer %s was deleted", a.consumer)
-		case errors.Is(err, jetstream.ErrStreamNotFound):
-			return fmt.Errorf("stream %s does not exist: %w", a.o.Stream, err)
-		case a.nc.IsClosed() || errors.Is(err, nats.ErrConnectionClosed):
-			return fmt.Errorf("waiting for consumer %s: %w", a.consumer, err)
+		ierr, err := a.askConsumer(ctx, cons)
+		if err != nil || ierr == nil {
+			return err
 		}
 	}
+}
+
+// askConsumer asks for the consumer's info once. unanswered is why it got no
+// answer (nil when it did); err ends the binding: the consumer or the stream
+// is gone, or the NATS connection was closed for good.
+func (a *Agent) askConsumer(ctx context.Context, cons jetstream.Consumer) (unanswered, err error) {
+	rctx, cancel := context.WithTimeout(ctx, max(a.o.Heartbeat, 2*time.Second))
+	defer cancel()
+	_, ierr := cons.Info(rctx)
+	switch {
+	case ierr == nil:
+		return nil, nil
+	case errors.Is(ierr, jetstream.ErrConsumerNotFound):
+		a.m.consumerErrors.WithLabelValues(consumerErrDeleted).Inc()
+		return ierr, fmt.Errorf("consumer %s was deleted", a.consumer)
+	case errors.Is(ierr, jetstream.ErrStreamNotFound):
+		return ierr, fmt.Errorf("stream %s does not exist: %w", a.o.Stream, ierr)
+	case a.nc.IsClosed() || errors.Is(ierr, nats.ErrConnectionClosed):
+		return ierr, fmt.Errorf("waiting for consumer %s: %w", a.consumer, ierr)
+	}
+	return ierr, nil
 }
 
 // consumerProbeInterval is how often awaitConsumer asks. Behind a leaf node
