@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync"
@@ -275,8 +276,14 @@ func testOptions() Options {
 
 func startAgent(t testing.TB, nc *nats.Conn, o Options, inv TokenCache) *runningAgent {
 	t.Helper()
+	return startAgentLogging(t, nc, o, inv, testutil.Logger(t))
+}
+
+// startAgentLogging is startAgent with the agent's log going to log.
+func startAgentLogging(t testing.TB, nc *nats.Conn, o Options, inv TokenCache, log *slog.Logger) *runningAgent {
+	t.Helper()
 	reg := prometheus.NewRegistry()
-	a, err := New(o, nc, inv, reg, testutil.Logger(t))
+	a, err := New(o, nc, inv, reg, log)
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}

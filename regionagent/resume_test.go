@@ -1,12 +1,9 @@
 package regionagent
 
 import (
-	"context"
 	"log/slog"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/keystone-fanout/keystone-fanout/internal/testutil"
 )
@@ -36,25 +33,8 @@ func TestConsumerSilent(t *testing.T) {
 				msg: "missed consumer heartbeats and the consumer does not answer; asking again every 500ms", c: silent},
 				msg: "the consumer answers again: pulling at once", c: answers})
 			inv := &fakeInvalidator{}
-			reg := prometheus.NewRegistry()
-			a, err := New(o, nc, inv, reg, log)
-			if err != nil {
-				t.Fatal(err)
-			}
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			go func() { done <- a.Run(ctx) }()
-			t.Cleanup(func() {
-				cancel()
-				select {
-				case <-done:
-				case <-time.After(30 * time.Second):
-					t.Error("Run did not return within 30s of its context ending")
-				}
-			})
-			testutil.Eventually(t, 10*time.Second, "the agent bound to its consumer", func() (bool, string) {
-				return a.bound.Load(), "not bound"
-			})
+			ra := startAgentLogging(t, nc, o, inv, log)
+			ra.waitBound(t)
 			e1 := testEvent(1)
 			env.publish(e1)
 			waitProcessed(t, inv, []string{e1.ID}, 1, 10*time.Second)
@@ -63,16 +43,16 @@ func TestConsumerSilent(t *testing.T) {
 			select {
 			case <-silent: // two heartbeats missed, and a look at the consumer timed out
 			case <-time.After(30 * time.Second):
-				t.Fatalf("the agent did not find its consumer silent (%v missed-heartbeat errors)", counter(a.m.consumerErrors.WithLabelValues(consumerErrHeartbeat)))
+				t.Fatalf("the agent did not find its consumer silent (%v missed-heartbeat errors)", counter(ra.m.consumerErrors.WithLabelValues(consumerErrHeartbeat)))
 			}
 			if tc.closed {
 				nc.Close()
 				select {
-				case err := <-done:
+				case err := <-ra.done:
+					close(ra.done) // Run has returned: nothing for stop to wait for
 					if err == nil {
 						t.Fatal("Run returned nil after the NATS connection was closed, want an error")
 					}
-					done <- err // for the cleanup
 				case <-time.After(20 * time.Second):
 					t.Fatal("Run did not return after the NATS connection was closed")
 				}
@@ -88,7 +68,7 @@ func TestConsumerSilent(t *testing.T) {
 			env.publish(e2)
 			waitProcessed(t, inv, []string{e2.ID}, 1, 10*time.Second)
 			env.waitAcked(2, 20*time.Second)
-			if g := sumMetric(t, reg, "keystone_fanout_agent_gaps_total"); g != 0 {
+			if g := sumMetric(t, ra.reg, "keystone_fanout_agent_gaps_total"); g != 0 {
 				t.Errorf("gaps_total %v after the silence, want 0", g)
 			}
 		})
